@@ -612,7 +612,7 @@ def write_split(docs, enc, directory, split, shuffle_seed=None, batch_docs=512, 
             for ids in encoded:
                 flat.append(bos)
                 flat.extend(ids)
-            np.array(flat, dtype=dtype).tofile(out)
+            out.write(np.array(flat, dtype=dtype).tobytes())  # tofile hides errno (disk full)
             lengths.extend(sizes)
             num_bytes += sum(len(t.encode("utf-8", "surrogatepass")) for t in batch)
             bar.update(len(batch))
@@ -633,7 +633,7 @@ def write_split(docs, enc, directory, split, shuffle_seed=None, batch_docs=512, 
         order = np.random.default_rng(shuffle_seed).permutation(len(lengths))
         with open(os.path.join(directory, f"{split}.bin"), "wb") as out:
             for i in order:
-                src[offsets[i]:offsets[i + 1]].tofile(out)
+                out.write(src[offsets[i]:offsets[i + 1]].tobytes())
         del src
         os.remove(raw_path)
         lengths = lengths[order]
