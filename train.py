@@ -143,7 +143,8 @@ def attention(q, k, v, window):  # (B, T, H, D) in and out
     T = q.size(1)
     if FA3 is not None:
         left = -1 if window >= T else window - 1
-        return FA3.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))[0]
+        out = FA3.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
+        return out[0] if isinstance(out, tuple) else out  # some builds also return the LSE
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if window >= T:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
