@@ -79,32 +79,27 @@ class Profile:
     train: dict = field(default_factory=dict, compare=False)
 
 
+# Karpathy's train.py constants: the h100 defaults, and the base the smaller profiles adjust.
+KARPATHY = dict(
+    ASPECT_RATIO=64, HEAD_DIM=128, WINDOW_PATTERN="SSSL", TOTAL_BATCH_SIZE=2**19,
+    EMBEDDING_LR=0.6, UNEMBEDDING_LR=0.004, MATRIX_LR=0.04, SCALAR_LR=0.5, WEIGHT_DECAY=0.2,
+    ADAM_BETAS=(0.8, 0.95), WARMUP_RATIO=0.0, WARMDOWN_RATIO=0.5, FINAL_LR_FRAC=0.0, DEPTH=8,
+    DEVICE_BATCH_SIZE=128)
+
 PROFILES = {
     # Karpathy's autoresearch exactly, so numbers compare with the published ones.
-    "h100": Profile("h100", 2048, 300, 40 * 524288, 8192, "climbmix", train=dict(
-        ASPECT_RATIO=64, HEAD_DIM=128, WINDOW_PATTERN="SSSL", TOTAL_BATCH_SIZE=2**19,
-        EMBEDDING_LR=0.6, UNEMBEDDING_LR=0.004, MATRIX_LR=0.04, SCALAR_LR=0.5,
-        WEIGHT_DECAY=0.2, ADAM_BETAS=(0.8, 0.95), WARMUP_RATIO=0.0, WARMDOWN_RATIO=0.5,
-        FINAL_LR_FRAC=0.0, DEPTH=8, DEVICE_BATCH_SIZE=128)),
+    "h100": Profile("h100", 2048, 300, 40 * 524288, 8192, "climbmix", train=KARPATHY),
     # A free Colab T4 (16 GB, fp16 only) in the same 5 minutes, on low-entropy stories.
-    "colab": Profile("colab", 512, 300, 2**20, 4096, "tinystories", train=dict(
-        ASPECT_RATIO=64, HEAD_DIM=64, WINDOW_PATTERN="L", TOTAL_BATCH_SIZE=2**16,
-        EMBEDDING_LR=0.6, UNEMBEDDING_LR=0.004, MATRIX_LR=0.04, SCALAR_LR=0.5,
-        WEIGHT_DECAY=0.2, ADAM_BETAS=(0.8, 0.95), WARMUP_RATIO=0.0, WARMDOWN_RATIO=0.5,
-        FINAL_LR_FRAC=0.0, DEPTH=6, DEVICE_BATCH_SIZE=64)),
+    "colab": Profile("colab", 512, 300, 2**20, 4096, "tinystories", train=KARPATHY | dict(
+        HEAD_DIM=64, WINDOW_PATTERN="L", TOTAL_BATCH_SIZE=2**16, DEPTH=6, DEVICE_BATCH_SIZE=64)),
     # Two CPU cores, one minute, offline. A small vocabulary keeps the output layer, which
     # dominates a CPU step, cheap (BENCHMARKS.md: 2048 beat 1024 and 4096 here).
-    "cpu": Profile("cpu", 256, 60, 2**16, 2048, "python", train=dict(
-        ASPECT_RATIO=64, HEAD_DIM=64, WINDOW_PATTERN="L", TOTAL_BATCH_SIZE=2**12,
-        EMBEDDING_LR=0.6, UNEMBEDDING_LR=0.004, MATRIX_LR=0.04, SCALAR_LR=0.5,
-        WEIGHT_DECAY=0.2, ADAM_BETAS=(0.8, 0.95), WARMUP_RATIO=0.0, WARMDOWN_RATIO=0.5,
-        FINAL_LR_FRAC=0.0, DEPTH=2, DEVICE_BATCH_SIZE=16)),
+    "cpu": Profile("cpu", 256, 60, 2**16, 2048, "python", train=KARPATHY | dict(
+        HEAD_DIM=64, WINDOW_PATTERN="L", TOTAL_BATCH_SIZE=2**12, DEPTH=2, DEVICE_BATCH_SIZE=16)),
     # Seconds-long runs for tests and CI; numbers mean nothing beyond "it works".
-    "smoke": Profile("smoke", 128, 5, 8192, 512, "synthetic", train=dict(
-        ASPECT_RATIO=32, HEAD_DIM=32, WINDOW_PATTERN="L", TOTAL_BATCH_SIZE=2**11,
-        EMBEDDING_LR=0.6, UNEMBEDDING_LR=0.004, MATRIX_LR=0.04, SCALAR_LR=0.5,
-        WEIGHT_DECAY=0.2, ADAM_BETAS=(0.8, 0.95), WARMUP_RATIO=0.0, WARMDOWN_RATIO=0.5,
-        FINAL_LR_FRAC=0.0, DEPTH=2, DEVICE_BATCH_SIZE=16)),
+    "smoke": Profile("smoke", 128, 5, 8192, 512, "synthetic", train=KARPATHY | dict(
+        ASPECT_RATIO=32, HEAD_DIM=32, WINDOW_PATTERN="L", TOTAL_BATCH_SIZE=2**11, DEPTH=2,
+        DEVICE_BATCH_SIZE=16)),
 }
 
 

@@ -108,3 +108,30 @@ def test_out_of_memory_is_reported_as_oom(tmp_path, smoke_data):
                           wrapper=wrapper)
     assert code != 0
     assert "FAIL: oom DEVICE_BATCH_SIZE=4096" in out, out[-3000:]
+
+
+def test_sliding_windows_are_applied(monkeypatch, smoke_data):
+    """An S layer's query sees only its window; an L layer sees everything before it."""
+    import importlib.util
+    import torch
+    monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
+    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")
+    spec = importlib.util.spec_from_file_location("train_module", os.path.join(ROOT, "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)  # defines everything; training only runs as __main__
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2, 4, generator=g) for _ in range(3))
+    far = v.clone()
+    far[:, :5] += 100.0  # keys 0..4 lie outside the last query's window of 3 (keys 5, 6, 7)
+    windowed = train.attention(q, k, v, window=3)
+    assert torch.allclose(windowed[:, 7], train.attention(q, k, far, window=3)[:, 7])
+    assert not torch.allclose(train.attention(q, k, v, 8)[:, 7], train.attention(q, k, far, 8)[:, 7])
+    # The first rows, whose whole past fits in the window, match full causal attention.
+    assert torch.allclose(windowed[:, :3], train.attention(q, k, v, window=8)[:, :3], atol=1e-6)
+
+
+def test_window_pattern_runs_with_short_windows(tmp_path, smoke_data):
+    code, out = run_train(tmp_path, smoke_data, [("WINDOW_PATTERN", '"SSL"'), ("DEPTH", 3)],
+                          env={"AUTORESEARCH_STEPS": "3"})
+    assert code == 0, out[-3000:]
+    assert math.isfinite(float(parse_summary(out)["val_bpb"]))
