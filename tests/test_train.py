@@ -52,8 +52,9 @@ def test_trains_and_prints_the_summary(tmp_path, smoke_data):
     assert list(summary) == SUMMARY_KEYS
     val_bpb = float(summary["val_bpb"])
     assert math.isfinite(val_bpb)
-    assert val_bpb < 0.8 * uniform_bpb(smoke_data)   # it learned something
-    assert val_bpb > smoke_data.floor_bpb             # and nothing impossible
+    # Below an untrained model however few steps a loaded machine managed (the fixed-step test
+    # below asks for a real margin), and never below what the process allows.
+    assert smoke_data.floor_bpb < val_bpb < uniform_bpb(smoke_data)
     assert float(summary["training_seconds"]) >= 3.0
     assert int(summary["num_steps"]) > 0 and summary["profile"].strip() == "smoke"
     assert summary["device"].strip() == "cpu" and float(summary["mfu_percent"]) == 0
@@ -71,12 +72,14 @@ def test_same_seed_same_result(tmp_path, smoke_data):
     for i, seed in enumerate([7, 7, 8]):
         d = tmp_path / str(i)
         d.mkdir()
-        code, out = run_train(d, smoke_data, [("SEED", seed)], env={"AUTORESEARCH_STEPS": "6"})
+        code, out = run_train(d, smoke_data, [("SEED", seed)], env={"AUTORESEARCH_STEPS": "30"})
         assert code == 0, out[-3000:]
         runs[i] = parse_summary(out)
     assert runs[0]["val_bpb"] == runs[1]["val_bpb"]
     assert runs[0]["val_bpb"] != runs[2]["val_bpb"]
-    assert runs[0]["num_steps"].strip() == "6"
+    assert runs[0]["num_steps"].strip() == "30"
+    # 30 steps are enough to be well below an untrained model, and still above the floor.
+    assert smoke_data.floor_bpb < float(runs[0]["val_bpb"]) < 0.8 * uniform_bpb(smoke_data)
 
 
 @pytest.mark.parametrize("patches,reason,needle", [
