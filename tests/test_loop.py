@@ -1,0 +1,267 @@
+"""The loop end to end: greedy ratchet, resume after kill -9, OOM retry, Ctrl-C, bad spaces,
+git, dry run; with fixture trainers where the answer must be known, and the real train.py."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from autoresearch.driver import Driver, LoopError, Settings
+from autoresearch.patch import patch_constants, read_constants
+from conftest import ROOT
+
+FAKE = os.path.join(ROOT, "tests", "fixtures", "fake_train.py")
+FAKE_SPACE = """
+smoke:
+  mutate: [1, 2]
+  params:
+    MATRIX_LR: {low: 0.01, high: 0.32, log: true}
+    DEPTH: {choices: [1, 2, 3]}
+    DEVICE_BATCH_SIZE: {choices: [4, 8, 16]}
+  constraints:
+    - TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN) == 0
+"""
+SEARCHED = ["MATRIX_LR", "DEPTH", "DEVICE_BATCH_SIZE"]
+
+
+@pytest.fixture
+def work(tmp_path, smoke_data, monkeypatch):
+    """A working directory holding a fake train.py and its search space."""
+    monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(FAKE, tmp_path / "train.py")
+    (tmp_path / "search_space.yaml").write_text(FAKE_SPACE)
+    return tmp_path
+
+
+def set_fake(path, **constants):
+    src = open(path).read()
+    open(path, "w").write(patch_constants(src, constants))
+
+
+def searched(path="train.py"):
+    return read_constants(open(path).read(), SEARCHED)
+
+
+def loop_cli(args, cwd, env_extra=None, **kw):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "loop.py"), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_greedy_ratchet_is_cumulative_and_train_py_holds_the_best(work):
+    driver = Driver(Settings(seed=3, grace=30), log=lambda *a: None)
+    rows = []
+    for trial in range(12):
+        before = searched()
+        best_before, _ = driver.best()
+        row = driver.step(trial)
+        rows.append(row)
+        if row["status"] == "keep":
+            assert searched() == row["params"]   # the keep is now train.py
+        else:
+            assert searched() == before          # a discard leaves it alone
+        if trial:  # the candidate was the best so far plus its changes (nothing reset)
+            assert row["params"] == best_before | row["changes"]
+            assert 1 <= len(row["changes"]) <= 2
+    keeps = [r for r in rows if r["status"] == "keep"]
+    assert len(keeps) >= 3, [r["description"] for r in rows]
+    vals = [float(r["val_bpb"]) for r in keeps]
+    assert vals == sorted(vals, reverse=True)    # every keep beat the one before
+    df = pd.read_csv("results.tsv", sep="\t")
+    assert len(df) == 12 and df.trial.tolist() == list(range(12))
+    assert len({json.dumps(json.loads(p), sort_keys=True) for p in df.params}) == 12  # no re-runs
+
+
+def test_real_train_py_baseline_and_three_trials(tmp_path, smoke_data):
+    shutil.copy(os.path.join(ROOT, "train.py"), tmp_path / "train.py")
+    shutil.copy(os.path.join(ROOT, "search_space.yaml"), tmp_path / "search_space.yaml")
+    original = open(tmp_path / "train.py").read()
+    proc = loop_cli(["--trials", "3", "--budget", "2", "--seed", "1"], tmp_path,
+                    {"AUTORESEARCH_DATA": smoke_data.dir})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "results.tsv", sep="\t")
+    assert len(df) == 4 and df.description[0] == "baseline" and df.status[0] == "keep"
+    assert set(df.status) <= {"keep", "discard", "crash"} and (df.status != "crash").all()
+    assert df.val_bpb.dtype == float and df.trial.dtype == "int64" and df.num_steps.dtype == "int64"
+    assert (df.val_bpb > smoke_data.floor_bpb).all() and (df.training_seconds >= 2).all()
+    assert (df.profile == "smoke").all() and df.started_at.str.endswith("Z").all()
+    for log in df.log:
+        assert "\n---\n" in open(tmp_path / log).read()
+    best = df[df.status == "keep"].val_bpb.idxmin()
+    best_params = json.loads(df.params[best])
+    now = read_constants(open(tmp_path / "train.py").read(), list(best_params))
+    if best == 0:
+        assert open(tmp_path / "train.py").read() == original
+    else:
+        defaults = smoke_data.profile.train  # None in train.py means the profile's default
+        now = {k: defaults[k] if v is None else v for k, v in now.items()}
+        assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in now.items()} == best_params
+    report = loop_cli(["report"], tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "progress.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_after_kill_9_mid_trial(work):
+    set_fake("train.py", SLEEP=1.0)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "loop.py"), "--trials", "6"],
+                            cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (work / "runs" / "0002" / "run.log").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.kill()  # SIGKILL: no cleanup of any kind
+    proc.wait()
+    df = pd.read_csv(work / "results.tsv", sep="\t")
+    assert df.trial.tolist() == [0, 1]  # whole rows only
+    time.sleep(0.5)
+    ps = subprocess.run(["pgrep", "-f", str(work / "runs")], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""  # the trainer died with the loop
+    best_before = searched()
+    resumed = loop_cli(["--trials", "2"], work)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    df = pd.read_csv(work / "results.tsv", sep="\t")
+    assert df.trial.tolist() == [0, 1, 2, 3] and df.description[0] == "baseline"
+    assert (df.description == "baseline").sum() == 1
+    keeps = df[df.status == "keep"]
+    best = json.loads(keeps.loc[keeps.val_bpb.idxmin(), "params"])
+    assert searched() == best and (best_before == best or len(keeps) > 1)
+
+
+def test_resume_restores_a_drifted_train_py(work):
+    driver = Driver(Settings(seed=1, grace=30), log=lambda *a: None)
+    for trial in range(4):
+        driver.step(trial)
+    best = searched()
+    set_fake("train.py", MATRIX_LR=0.011, DEPTH=3)  # somebody edited it by hand
+    messages = []
+    Driver(Settings(seed=1, grace=30), log=messages.append)
+    assert searched() == best and "restored train.py" in messages[0]
+
+
+def test_oom_retry_halves_the_micro_batch(work):
+    set_fake("train.py", BEHAVIOUR="oom_above_4", DEVICE_BATCH_SIZE=16)
+    driver = Driver(Settings(grace=30), log=lambda *a: None)
+    row = driver.step(0)
+    assert row["status"] == "keep"
+    assert row["description"] == "baseline (oom retry: DEVICE_BATCH_SIZE 16->4)"
+    assert row["params"]["DEVICE_BATCH_SIZE"] == 4 and searched()["DEVICE_BATCH_SIZE"] == 4
+    assert sorted(os.listdir(work / "runs" / "0000")) == ["run.log", "run.oom1.log",
+                                                          "run.oom2.log", "train.py"]
+    assert "DEVICE_BATCH_SIZE=8" in open(work / "runs" / "0000" / "run.oom2.log").read()
+
+
+def test_oom_beyond_the_retry_limit_is_a_crash(work):
+    set_fake("train.py", BEHAVIOUR="oom_above_4", DEVICE_BATCH_SIZE=16)
+    driver = Driver(Settings(grace=30, oom_retries=1), log=lambda *a: None)
+    with pytest.raises(LoopError, match="baseline crashed .oom."):
+        driver.step(0)
+    df = pd.read_csv("results.tsv", sep="\t")
+    assert df.status.tolist() == ["crash"] and df.error.tolist() == ["oom"]
+    assert df.val_bpb.tolist() == [0.0]
+
+
+def test_crashes_and_timeouts_are_rows_and_the_loop_goes_on(work):
+    driver = Driver(Settings(grace=2, time_budget=1), log=lambda *a: None)
+    driver.step(0)
+    base = open("train.py").read()
+    set_fake("train.py", BEHAVIOUR="hang")  # every candidate from now on hangs
+    row = driver.step(1)
+    assert row["status"] == "crash" and row["error"] == "timeout"
+    set_fake("train.py", BEHAVIOUR="traceback")
+    row = driver.step(2)
+    assert row["status"] == "crash" and row["error"].startswith("error: ValueError: boom")
+    open("train.py", "w").write(base)
+    row = driver.step(3)
+    assert row["status"] in ("keep", "discard")
+
+
+def test_ctrl_c_records_interrupted_and_keeps_the_best(work):
+    set_fake("train.py", BEHAVIOUR="hang_if_changed")  # the baseline runs, any candidate hangs
+    best = searched()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "loop.py"), "--trials", "3"],
+                            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (work / "runs" / "0001" / "run.log").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    df = pd.read_csv(work / "results.tsv", sep="\t")
+    assert df.status.tolist() == ["keep", "crash"] and df.error.tolist()[-1] == "interrupted"
+    assert searched() == best
+
+
+@pytest.mark.parametrize("space,message", [
+    ("smoke:\n  params:\n    NOT_A_CONSTANT: {choices: [1]}\n", "NOT_A_CONSTANT"),
+    ("smoke:\n  params:\n    DEPTH: {choices: []}\n", "DEPTH: choices must be a non-empty list"),
+    ("smoke:\n  params:\n    DEPTH: {choices: [1, 2.5]}\n", "choice 2.5 is a float"),
+    ("smoke:\n  params:\n    DEPTH: {choices: [1]}\n  constraints: ['DEPTH >']\n",
+     "constraint 'DEPTH >' cannot be used"),
+    ("cpu:\n  params:\n    DEPTH: {choices: [1]}\n", "no section for profile 'smoke'"),
+])
+def test_bad_search_space_fails_before_any_run(work, space, message):
+    (work / "search_space.yaml").write_text(space)
+    proc = loop_cli(["--trials", "1"], work)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (work / "results.tsv").exists() and not (work / "runs").exists()
+
+
+def test_dry_run_prints_candidates_and_runs_nothing(work):
+    proc = loop_cli(["--dry-run", "--trials", "4"], work)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 4
+    assert os.listdir(work) == ["train.py", "search_space.yaml"] or \
+        sorted(os.listdir(work)) == ["search_space.yaml", "train.py"]
+
+
+def test_refuses_to_mix_another_dataset(work, tmp_path_factory):
+    driver = Driver(Settings(grace=30), log=lambda *a: None)
+    driver.step(0)
+    import prepare
+    other = tmp_path_factory.mktemp("other")
+    assert prepare.main(["--profile", "smoke", "--synthetic-docs", "1500", "--cache-dir",
+                         str(other)]) == 0
+    name = open(other / "current").read().strip()
+    proc = loop_cli(["--trials", "1"], work, {"AUTORESEARCH_DATA": str(other / "prepared" / name)})
+    assert proc.returncode == 2 and "use another --results file" in proc.stderr
+
+
+def test_space_exhaustion_is_reported_not_looped(work):
+    (work / "search_space.yaml").write_text(
+        "smoke:\n  mutate: [1, 1]\n  params:\n    DEPTH: {choices: [1, 2, 3]}\n")
+    driver = Driver(Settings(grace=30, max_proposals=50), log=lambda *a: None)
+    for trial in range(3):  # baseline (DEPTH 2) and the two other depths
+        driver.step(trial)
+    with pytest.raises(LoopError, match="exhausted"):
+        driver.step(3)
+
+
+def test_git_ratchet_commits_each_keep(work):
+    git = lambda *a: subprocess.run(["git", *a], cwd=work, capture_output=True, text=True,
+                                    check=True).stdout.strip()
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "root")
+    git("add", "train.py", "search_space.yaml")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "start")
+    os.environ.setdefault("GIT_AUTHOR_NAME", "t")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    proc = loop_cli(["--trials", "5", "--git", "--tag", "test"], work, env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert git("rev-parse", "--abbrev-ref", "HEAD") == "autoresearch/test"
+    df = pd.read_csv(work / "results.tsv", sep="\t", dtype={"commit": str})
+    keeps = df[(df.status == "keep") & (df.trial > 0)]
+    messages = git("log", "--format=%s", "main..HEAD" if git("branch", "--list", "main") else
+                   "HEAD~%d..HEAD" % len(keeps)).splitlines()
+    assert len(messages) == len(keeps) >= 1
+    assert all(m.startswith("val_bpb ") for m in messages)
+    assert df.commit.iloc[-1] == git("rev-parse", "--short", "HEAD") or \
+        keeps.commit.iloc[-1] in git("log", "--format=%h")

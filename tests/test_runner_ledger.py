@@ -1,0 +1,129 @@
+"""The trial runner against fixture trainers that misbehave, and the results ledger."""
+import multiprocessing
+import os
+import time
+
+import pandas as pd
+import pytest
+
+from autoresearch import ledger as L
+from autoresearch.patch import patch_constants
+from autoresearch.runner import run_trial
+from conftest import ROOT
+
+FAKE = open(os.path.join(ROOT, "tests", "fixtures", "fake_train.py")).read()
+
+
+def fake(**constants):
+    return patch_constants(FAKE, constants)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("behaviour,error", [
+    ("oom_above_4", "oom"),
+    ("garbage", "error: exit 3: val_bpb 1.0 (no colon, no block)"),
+    ("exit0", "error: no summary block"),
+    ("traceback", "error: ValueError: boom: something broke in the model"),
+    ("nan", "nan"),
+])
+def test_failures_are_classified(tmp_path, behaviour, error):
+    out = run_trial(str(tmp_path / "t"), fake(BEHAVIOUR=behaviour), time_limit=60)
+    assert not out.ok and out.error == error
+    assert os.path.exists(out.log) and open(out.log).read()
+
+
+def test_success_parses_the_summary_and_streams_lines(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    monkeypatch.setenv("HF_TOKEN", "hf-secret")
+    seen = []
+    out = run_trial(str(tmp_path / "t"), fake(BEHAVIOUR="env", MATRIX_LR=0.08), time_limit=60,
+                    on_line=seen.append)
+    assert out.ok and out.error == "" and out.summary["val_bpb"] == pytest.approx(1.02)
+    assert out.summary["num_steps"] == 2.0 and out.summary["device"] == "cpu"
+    assert seen[0].startswith("step 00001") and "SECRETS " in seen  # no key reached the trainer
+    assert "sk-secret" not in open(out.log).read()
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    t0 = time.time()
+    out = run_trial(str(tmp_path / "t"), fake(BEHAVIOUR="hang_child"), time_limit=3)
+    assert out.error == "timeout" and time.time() - t0 < 20
+    child = int(open(tmp_path / "t" / "child.pid").read())
+    deadline = time.time() + 5
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)
+
+
+# --- ledger ----------------------------------------------------------------------------------
+
+def row(trial, **kw):
+    base = {"commit": "abc1234", "val_bpb": 1.0 - trial / 1000, "memory_gb": 1.25,
+            "status": "keep" if trial == 0 else "discard", "description": f"trial {trial}",
+            "trial": trial, "started_at": L.now_iso(), "strategy": "greedy", "profile": "smoke",
+            "seed": 42, "changes": {"LR": 0.1}, "params": {"LR": 0.1, "DEPTH": 2},
+            "training_seconds": 1.0, "total_seconds": 2.0, "mfu_percent": 0.0, "num_steps": 5,
+            "total_tokens_M": 0.1, "num_params_M": 0.2, "error": "", "log": "runs/0000/run.log"}
+    return base | kw
+
+
+def _writer(path, start, n):
+    ledger = L.Ledger(path)
+    for i in range(start, start + n):
+        ledger.append(row(i, description="x" * (i % 300)))
+
+
+def test_concurrent_writers_never_interleave(tmp_path):
+    path = str(tmp_path / "results.tsv")
+    procs = [multiprocessing.Process(target=_writer, args=(path, k * 1000, 150)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    df = pd.read_csv(path, sep="\t")
+    assert list(df.columns) == L.COLUMNS and len(df) == 600
+    assert sorted(df.trial) == sorted(k * 1000 + i for k in range(4) for i in range(150))
+    assert (df.description.fillna("").str.len() == df.trial % 300).all()  # no row torn
+
+
+def test_fields_are_sanitised_and_formatted(tmp_path):
+    ledger = L.Ledger(str(tmp_path / "results.tsv"))
+    ledger.append(row(0, description="tab\there\nnewline", error="error: a\tb", val_bpb=float("nan")))
+    df = pd.read_csv(ledger.path, sep="\t")
+    assert df.description[0] == "tab here newline" and df.val_bpb[0] == 0.0
+    line = open(ledger.path).read().splitlines()[1].split("\t")
+    assert line[1] == "0.000000" and line[2] == "1.2"  # 6 decimals, 1 decimal
+
+
+def test_a_torn_tail_is_ignored_then_repaired(tmp_path):
+    ledger = L.Ledger(str(tmp_path / "results.tsv"))
+    ledger.append(row(0))
+    with open(ledger.path, "a") as f:
+        f.write("deadbee\t0.5")  # what a writer killed mid-row would leave (not us: one write())
+    assert len(ledger.rows()) == 1
+    ledger.append(row(1))
+    df = pd.read_csv(ledger.path, sep="\t")
+    assert list(df.trial) == [0, 1]
+
+
+def test_bind_refuses_another_profile_or_dataset(tmp_path):
+    ledger = L.Ledger(str(tmp_path / "results.tsv"))
+    ledger.bind("smoke", "data-a")
+    assert not os.path.exists(ledger.meta_path)  # nothing written until the first row
+    ledger.append(row(0))
+    ledger.bind("smoke", "data-a")
+    with pytest.raises(L.LedgerError, match="dataset|data"):
+        ledger.bind("smoke", "data-b")
+    with pytest.raises(L.LedgerError, match="profile 'smoke'"):
+        ledger.bind("cpu", "data-a")
