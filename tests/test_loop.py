@@ -265,3 +265,15 @@ def test_git_ratchet_commits_each_keep(work):
     assert all(m.startswith("val_bpb ") for m in messages)
     assert df.commit.iloc[-1] == git("rev-parse", "--short", "HEAD") or \
         keeps.commit.iloc[-1] in git("log", "--format=%h")
+
+
+def test_hours_limit_stops_an_open_ended_loop(work):
+    t0 = time.time()
+    proc = loop_cli(["--hours", "0.001"], work)  # 3.6 s, no --trials: would run forever
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = pd.read_csv(work / "results.tsv", sep="\t")
+    assert len(df) >= 2 and time.time() - t0 < 60
+    report = loop_cli(["report", "--results", str(work / "results.tsv"), "--plot",
+                       str(work / "p.png")], work)
+    assert report.returncode == 0 and f"trials: {len(df) - 1} after the baseline" in report.stdout
+    assert (work / "p.png").exists()
