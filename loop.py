@@ -18,7 +18,7 @@ import sys
 from autoresearch.driver import Driver, LoopError, Settings
 from autoresearch.ledger import LedgerError
 from autoresearch.patch import PatchError
-from autoresearch.proposers import PROPOSERS
+from autoresearch.proposers import STRATEGIES
 from autoresearch.space import SpaceError
 
 USER_ERRORS = (LoopError, LedgerError, PatchError, SpaceError)
@@ -51,7 +51,7 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, help="stop after this many trials (default: run until "
                     "Ctrl-C or --hours)")
     ap.add_argument("--hours", type=float, help="start no trial after this many hours")
-    ap.add_argument("--strategy", default="greedy", choices=sorted(PROPOSERS))
+    ap.add_argument("--strategy", default="greedy", choices=STRATEGIES)
     ap.add_argument("--space", default="search_space.yaml")
     ap.add_argument("--results", default="results.tsv")
     ap.add_argument("--train", default="train.py")
@@ -63,13 +63,25 @@ def main(argv=None):
     ap.add_argument("--git", action="store_true", help="commit each keep on autoresearch/<tag>")
     ap.add_argument("--tag", help="branch tag for --git (default: today, e.g. nov22)")
     ap.add_argument("--dry-run", action="store_true", help="print the candidates, run nothing")
+    llm = ap.add_argument_group("llm strategy (any OpenAI-compatible endpoint)")
+    llm.add_argument("--llm-base-url", help="e.g. http://localhost:11434/v1 for Ollama "
+                     "(default: $OPENAI_BASE_URL, else OpenAI)")
+    llm.add_argument("--llm-model", help="default: $AUTORESEARCH_LLM_MODEL, else gpt-4o-mini")
+    llm.add_argument("--llm-key-env", default="OPENAI_API_KEY",
+                     help="environment variable holding the key (never written anywhere)")
+    llm.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
+    llm.add_argument("--llm-max-calls", type=int, default=200, help="requests per run, at most")
+    llm.add_argument("--llm-max-tokens", type=int, default=2_000_000, help="tokens per run, at most")
     args = ap.parse_args(argv)
     if args.trials is not None and args.trials < 0:
         ap.error("--trials must be >= 0")
 
     settings = Settings(train_path=args.train, space_path=args.space, results_path=args.results,
                         strategy=args.strategy, seed=args.seed, min_delta=args.min_delta,
-                        git=args.git, tag=args.tag, time_budget=args.budget)
+                        git=args.git, tag=args.tag, time_budget=args.budget,
+                        llm=dict(base_url=args.llm_base_url, model=args.llm_model,
+                                 key_env=args.llm_key_env, timeout=args.llm_timeout,
+                                 max_calls=args.llm_max_calls, max_tokens=args.llm_max_tokens))
     try:
         driver = Driver(settings)
         if args.dry_run:

@@ -42,6 +42,7 @@ class Settings:
     oom_retries: int = 3
     max_proposals: int = 500       # invalid or repeated candidates tolerated per trial
     trainer_env: dict = field(default_factory=dict)
+    llm: dict = field(default_factory=dict)  # LLM proposer options: base_url, model, key_env...
 
 
 def _write_atomic(path, text):
@@ -75,7 +76,11 @@ class Driver:
         self.ledger = ledger_mod.Ledger(settings.results_path)
         self.ledger.bind(self.profile.name, self.data.meta["name"])
         self.judge = ThresholdJudge(settings.min_delta)
-        self.proposer = make_proposer(settings.strategy, self.space, settings.seed)
+        try:
+            self.proposer = make_proposer(settings.strategy, self.space, settings.seed, settings.llm)
+        except ValueError as e:
+            raise LoopError(str(e)) from None
+        self.proposer.check = self.cannot_run
         budget = settings.time_budget or float(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 0) \
             or self.profile.time_budget
         self.budget = budget
@@ -87,6 +92,7 @@ class Driver:
         if settings.git:
             self._git_start()
         self.rows = self.ledger.rows()
+        self.proposer.warm_start(self.rows)
         self._restore_best()
 
     # --- configuration ------------------------------------------------------------------------
@@ -130,16 +136,39 @@ class Driver:
 
     # --- one trial ----------------------------------------------------------------------------
 
+    def tried(self):
+        """config key -> val_bpb (None for a crash) of every trial in the results."""
+        out = {}
+        for r in self.rows:
+            if r.get("params"):
+                value = float(r["val_bpb"]) if r["status"] in ("keep", "discard") else None
+                out[config_key(_untuple(json.loads(r["params"]), self.space))] = value
+        return out
+
+    def cannot_run(self, params):
+        """Why a candidate will not be run (for proposers that can explain it), or None."""
+        key = config_key(params)
+        tried = self.tried()
+        if key in tried:
+            value = tried[key]
+            return (f"this configuration was tried already (val_bpb {value:.6f})" if value
+                    is not None else "this configuration was tried already and crashed")
+        broken = self.space.violations(self.context(self.current_source()) | params)
+        return f"it breaks the constraint(s): {'; '.join(broken)}" if broken else None
+
     def propose(self, best):
-        tried = {config_key(_untuple(json.loads(r["params"]), self.space)) for r in self.rows
-                 if r["params"]}
-        tried.add(config_key(best))
+        """A candidate that is new and satisfies the constraints. Rejected ones are told to the
+        proposer (a repeat with the value it already got) and never run or counted."""
+        tried = self.tried()
         context = self.context(self.current_source())
         for _ in range(self.s.max_proposals):
             cand = self.proposer.propose(best, self.rows)
-            if not cand.changes or config_key(cand.params) in tried:
+            key = config_key(cand.params)
+            if not cand.changes or key in tried:
+                self.proposer.reject(cand, tried.get(key, self.best()[1]))
                 continue
             if self.space.violations(context | cand.params):
+                self.proposer.reject(cand)
                 continue
             return cand
         raise LoopError(f"no new valid candidate in {self.s.max_proposals} proposals: the space "

@@ -1,0 +1,214 @@
+"""The LLM proposer: a chat model on any OpenAI-compatible endpoint suggests the next changes.
+
+The prompt carries the search space, the current best configuration, the history sorted by
+val_bpb (OPRO-style: the model sees what worked), and recent crashes with their reasons. The
+answer is asked for as JSON (a JSON schema where the endpoint supports structured output), parsed
+leniently (markdown fences, prose around it), and every value is checked against the space and
+the constraints. A bad answer gets one repair round; then the trial falls back to a numeric
+strategy and its description says so. The text of an answer is only ever data: values go into
+train.py as literals through the syntax-tree patcher, never as code.
+
+Endpoint, model and key: --llm-base-url / OPENAI_BASE_URL, --llm-model / AUTORESEARCH_LLM_MODEL,
+the key from OPENAI_API_KEY (or the variable --llm-key-env names). The key lives only in the
+client object: it is never logged, written, or passed to a training run.
+"""
+import json
+import math
+import os
+import re
+
+from autoresearch.proposers import Candidate, GreedyProposer, Proposer, describe_changes
+
+SYSTEM = """You tune the training recipe of a small GPT language model. Each trial trains for a
+fixed time budget and reports val_bpb (validation bits per byte, lower is better). You propose
+the next trial as changes to a few constants of the best configuration so far. Use only the
+constants and values the search space allows. Answer with one JSON object:
+{"changes": {"CONSTANT": value, ...}, "rationale": "one short sentence"}"""
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["changes", "rationale"],
+          "properties": {"changes": {"type": "object"}, "rationale": {"type": "string"}}}
+
+
+class LLMError(Exception):
+    """An answer that cannot be used, with a reason the model can act on."""
+
+
+def describe_space(space):
+    lines = []
+    for name, p in space.params.items():
+        if p.choices is not None:
+            lines.append(f"- {name}: one of {json.dumps([list(c) if isinstance(c, tuple) else c for c in p.choices])}")
+        else:
+            kind = "integer" if p.integer else "number"
+            lines.append(f"- {name}: {kind} from {p.low:g} to {p.high:g}{' (log scale)' if p.log else ''}")
+    for text, _ in space.constraints:
+        lines.append(f"- constraint: {text}")
+    return "\n".join(lines)
+
+
+def extract_json(text):
+    """The first JSON object in text: bare, in a ``` fence, or with prose around it."""
+    if not text or not text.strip():
+        raise LLMError("the answer was empty")
+    fenced = re.findall(r"```(?:json)?\s*(.*?)```", text, re.S)
+    decoder = json.JSONDecoder()
+    for candidate in fenced + [text]:
+        for start in [m.start() for m in re.finditer(r"\{", candidate)]:
+            try:
+                obj, _ = decoder.raw_decode(candidate[start:])
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    raise LLMError("no JSON object found in the answer")
+
+
+def coerce(space, name, value):
+    """value as the space's type for name, or LLMError saying what is allowed."""
+    p = space.params.get(name)
+    if p is None:
+        raise LLMError(f"{name} is not in the search space (allowed: {', '.join(space.params)})")
+    if p.choices is not None:
+        if isinstance(value, list):
+            value = tuple(value)
+        for c in p.choices:
+            if value == c and type(value) is type(c) or (isinstance(c, float) and isinstance(value, int)
+                                                       and not isinstance(value, bool) and value == c):
+                return c
+        raise LLMError(f"{name}={value!r} is not one of the allowed choices")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LLMError(f"{name}={value!r} must be a number")
+    if p.integer:
+        if value != int(value):
+            raise LLMError(f"{name}={value!r} must be an integer")
+        value = int(value)
+    else:
+        value = float(value)
+    if not p.low <= value <= p.high:
+        raise LLMError(f"{name}={value!r} is outside [{p.low:g}, {p.high:g}]")
+    return value
+
+
+class LLMProposer(Proposer):
+    name = "llm"
+
+    def __init__(self, space, seed=0, base_url=None, model=None, key_env="OPENAI_API_KEY",
+                 timeout=60.0, max_retries=3, max_calls=200, max_tokens=2_000_000,
+                 history=30, client=None):
+        super().__init__(space, seed)
+        self.fallback = GreedyProposer(space, seed)
+        self.model = model or os.environ.get("AUTORESEARCH_LLM_MODEL") or "gpt-4o-mini"
+        self.max_calls, self.max_tokens, self.history = max_calls, max_tokens, history
+        self.calls = self.tokens = 0
+        self.structured = True  # until the endpoint says it does not do JSON schemas
+        self.check = None       # set by the driver: params -> reason it cannot run, or None
+        self.gave_up = None     # why the current trial fell back to the numeric strategy
+        if client is None:
+            import openai
+            base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+            key = os.environ.get(key_env) or ("unused" if base_url else None)
+            if not key:
+                raise ValueError(f"the llm strategy needs an API key in ${key_env} (or a local "
+                                 f"--llm-base-url, which needs none)")
+            client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout,
+                                   max_retries=max_retries)
+        self.client = client
+
+    # --- prompt ---------------------------------------------------------------------------------
+
+    def prompt(self, best, rows):
+        done = [r for r in rows if r.get("status") in ("keep", "discard")]
+        done.sort(key=lambda r: float(r["val_bpb"]))
+        crashes = [r for r in rows if r.get("status") == "crash"][-8:]
+        best_val = min((float(r["val_bpb"]) for r in done if r["status"] == "keep"), default=None)
+        parts = [
+            "Search space (constant: allowed values):", describe_space(self.space), "",
+            f"Best configuration so far (val_bpb {best_val:.6f}):" if best_val else
+            "Best configuration so far (not measured yet):",
+            json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in best.items()}),
+            "", f"Trials so far, best first ({len(done)} finished, showing {min(len(done), self.history)}):",
+        ]
+        for r in done[:self.history]:
+            parts.append(f"  val_bpb {float(r['val_bpb']):.6f}  {r['status']:<7}  {r['params']}")
+        if crashes:
+            parts += ["", "Recent crashes (avoid what caused them):"]
+            parts += [f"  {r['error']}: {r['params']}" for r in crashes]
+        parts += ["", "Propose the next trial: change 1 to 4 constants of the best configuration."]
+        return "\n".join(parts)
+
+    def ask(self, messages):
+        if self.calls >= self.max_calls or self.tokens >= self.max_tokens:
+            raise LLMError(f"budget spent ({self.calls} calls, {self.tokens} tokens)")
+        self.calls += 1
+        kwargs = dict(model=self.model, messages=messages, temperature=0.7)
+        if self.structured:
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "proposal", "schema": SCHEMA, "strict": False}}
+        import openai
+        try:
+            resp = self.client.chat.completions.create(**kwargs)
+        except openai.BadRequestError as e:
+            message = str(e).lower()
+            if not self.structured or ("response_format" not in message and "json" not in message):
+                raise
+            self.structured = False  # plain JSON-in-text from now on
+            kwargs.pop("response_format")
+            resp = self.client.chat.completions.create(**kwargs)
+        if resp.usage is not None:
+            self.tokens += resp.usage.total_tokens or 0
+        return (resp.choices[0].message.content or "") if resp.choices else ""
+
+    # --- proposing ------------------------------------------------------------------------------
+
+    def parse(self, text, best):
+        obj = extract_json(text)
+        changes = obj.get("changes", obj if "rationale" not in obj else None)
+        if not isinstance(changes, dict) or not changes:
+            raise LLMError('expected {"changes": {...}, "rationale": "..."} with at least one change')
+        clean = {name: coerce(self.space, name, v) for name, v in changes.items()}
+        params = dict(best) | clean
+        real = {k: v for k, v in clean.items() if best.get(k) != v}
+        if not real:
+            raise LLMError("the changes leave the configuration as it is")
+        reason = self.check(params) if self.check else None
+        if reason:
+            raise LLMError(reason)
+        rationale = " ".join(str(obj.get("rationale", "")).split())[:160]
+        return params, real, rationale
+
+    def propose(self, best, history):
+        import openai
+        messages = [{"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": self.prompt(best, history)}]
+        tokens0, problem = self.tokens, None
+        if self.gave_up:  # this trial fell back already: do not spend more calls on it
+            return self._fallback(best, history, self.gave_up)
+        for attempt in range(2):  # the answer, then one repair round
+            text = ""
+            try:
+                text = self.ask(messages)
+                params, changes, rationale = self.parse(text, best)
+                used = self.tokens - tokens0
+                desc = f"llm: {rationale or describe_changes(changes, best)} [{used} tokens]"
+                return Candidate(params, changes, desc, meta={"tokens": used})
+            except LLMError as e:
+                problem = str(e)
+                if problem.startswith("budget spent"):
+                    break
+                messages += [{"role": "assistant", "content": text or "(empty)"},
+                             {"role": "user", "content": f"That answer cannot be used: {problem}. "
+                                                         f"Answer again with one valid JSON object."}]
+            except openai.OpenAIError as e:  # timeouts, 429/5xx after the client's retries
+                problem = type(e).__name__
+                break
+        self.gave_up = problem
+        return self._fallback(best, history, problem)
+
+    def tell(self, candidate, row):
+        self.gave_up = None
+
+    def _fallback(self, best, history, problem):
+        cand = self.fallback.propose(best, history)
+        cand.description = f"llm fallback ({problem[:80]}); greedy: {cand.description}"
+        cand.meta["fallback"] = True
+        return cand

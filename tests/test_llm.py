@@ -1,0 +1,180 @@
+"""The LLM proposer through the real `openai` client against a scripted OpenAI-compatible server
+on 127.0.0.1: good answers, sloppy answers, hostile answers, no answers."""
+import http.server
+import json
+import os
+import shutil
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from autoresearch.driver import Driver, Settings
+from autoresearch.llm import extract_json
+from test_loop import FAKE, FAKE_SPACE, searched  # noqa: F401
+
+SECRET = "sk-test-secret-4242"
+
+
+class FakeLLM:
+    """Answers POST /v1/chat/completions from a script: each entry is the answer's content (a
+    string), or {"status": code, "body": text}, or {"hang": seconds}. Records every request."""
+
+    def __init__(self):
+        self.script, self.requests = [], []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+                item = fake.script.pop(0) if fake.script else '{"changes": {}}'
+                if isinstance(item, dict) and "hang" in item:
+                    time.sleep(item["hang"])
+                    item = '{"changes": {"DEPTH": 3}, "rationale": "late"}'
+                if isinstance(item, dict):
+                    data = json.dumps({"error": {"message": item["body"], "type": "invalid_request_error"}}).encode()
+                    self.send_response(item["status"])
+                    self.send_header("Retry-After", "0")
+                else:
+                    data = json.dumps({
+                        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "fake",
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": item}}],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+                    }).encode()
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                try:
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up waiting (the hang case)
+                    self.close_connection = True
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def llm_work(tmp_path, smoke_data, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(FAKE, tmp_path / "train.py")
+    (tmp_path / "search_space.yaml").write_text(FAKE_SPACE)
+    fake = FakeLLM()
+    driver = Driver(Settings(strategy="llm", grace=30, llm=dict(
+        base_url=fake.url, model="fake", timeout=1.0, max_retries=2)), log=lambda *a: None)
+    driver.step(0)  # the baseline: DEPTH 2, MATRIX_LR 0.04, DEVICE_BATCH_SIZE 16
+    yield driver, fake, tmp_path
+    fake.close()
+
+
+def ok(changes, rationale="because"):
+    return json.dumps({"changes": changes, "rationale": rationale})
+
+
+def test_valid_json_and_a_fenced_answer(llm_work):
+    driver, fake, work = llm_work
+    fake.script = [ok({"MATRIX_LR": 0.08}, "higher LR trains faster"),
+                   "Sure! Here is my proposal:\n```json\n" + ok({"DEPTH": 1}) + "\n```\nGood luck."]
+    row = driver.step(1)
+    assert row["description"].startswith("llm: higher LR trains faster [120 tokens]")
+    assert row["params"]["MATRIX_LR"] == 0.08 and row["status"] == "keep"
+    row = driver.step(2)
+    assert row["description"].startswith("llm: because") and row["params"]["DEPTH"] == 1
+    prompt = fake.requests[0]["body"]["messages"][1]["content"]
+    assert "MATRIX_LR: number from 0.01 to 0.32 (log scale)" in prompt
+    assert "val_bpb 1." in prompt and "constraint: TOTAL_BATCH_SIZE" in prompt
+    assert fake.requests[0]["body"]["response_format"]["type"] == "json_schema"
+    assert fake.requests[0]["auth"] == f"Bearer {SECRET}"
+
+
+def test_bad_values_get_one_repair_round(llm_work):
+    driver, fake, work = llm_work
+    fake.script = [ok({"MATRIX_LR": 5.0, "NOT_A_CONSTANT": 1}), ok({"MATRIX_LR": 0.1})]
+    row = driver.step(1)
+    assert row["description"].startswith("llm: ") and row["params"]["MATRIX_LR"] == 0.1
+    repair = fake.requests[1]["body"]["messages"][-1]["content"]
+    assert "cannot be used" in repair and ("outside" in repair or "not in the search space" in repair)
+
+
+def test_an_injection_attempt_never_reaches_train_py(llm_work):
+    driver, fake, work = llm_work
+    evil = "0.1\nimport os; os.system('touch pwned')"
+    fake.script = [ok({"MATRIX_LR": evil}), ok({"DEPTH": "3); import os; os.system('touch pwned'"})]
+    row = driver.step(1)
+    assert row["description"].startswith("llm fallback (") and "greedy:" in row["description"]
+    assert not (work / "pwned").exists()
+    for r in driver.rows:
+        assert "import os" not in open(work / os.path.dirname(r["log"]) / "train.py").read().split("BEHAVIOUR")[0]
+    assert row["status"] in ("keep", "discard")  # the trial still ran, with a numeric proposal
+
+
+def test_empty_answers_fall_back(llm_work):
+    driver, fake, work = llm_work
+    fake.script = ["", "   "]
+    row = driver.step(1)
+    assert row["description"].startswith("llm fallback (the answer was empty)")
+
+
+def test_429_is_retried_by_the_client(llm_work):
+    driver, fake, work = llm_work
+    fake.script = [{"status": 429, "body": "rate limited"}, ok({"DEVICE_BATCH_SIZE": 8})]
+    row = driver.step(1)
+    assert row["description"].startswith("llm: ") and row["params"]["DEVICE_BATCH_SIZE"] == 8
+    assert len(fake.requests) == 2
+
+
+def test_a_hung_endpoint_times_out_and_the_loop_goes_on(llm_work):
+    driver, fake, work = llm_work
+    driver.proposer.client = driver.proposer.client.with_options(max_retries=0)
+    fake.script = [{"hang": 3}]
+    t0 = time.time()
+    row = driver.step(1)
+    assert row["description"].startswith("llm fallback (APITimeoutError)")
+    assert time.time() - t0 < 20 and row["status"] in ("keep", "discard")
+
+
+def test_endpoint_without_structured_output(llm_work):
+    driver, fake, work = llm_work
+    fake.script = [{"status": 400, "body": "response_format json_schema is not supported"},
+                   ok({"DEPTH": 3}), ok({"DEPTH": 1})]
+    assert driver.step(1)["params"]["DEPTH"] == 3
+    driver.step(2)
+    assert "response_format" in fake.requests[0]["body"]
+    assert all("response_format" not in r["body"] for r in fake.requests[1:])
+
+
+def test_call_cap_and_the_key_is_written_nowhere(llm_work):
+    driver, fake, work = llm_work
+    driver.proposer.max_calls = 2
+    fake.script = [ok({"DEPTH": 3}), ok({"DEPTH": 1}), ok({"MATRIX_LR": 0.2})]
+    descriptions = [driver.step(t)["description"] for t in (1, 2, 3)]
+    assert descriptions[0].startswith("llm: ") and descriptions[1].startswith("llm: ")
+    assert descriptions[2].startswith("llm fallback (budget spent (2 calls")
+    assert len(fake.requests) == 2
+    df = pd.read_csv(work / "results.tsv", sep="\t")
+    assert len(df) == 4
+    for root, _, files in os.walk(work):
+        for name in files:
+            assert SECRET.encode() not in open(os.path.join(root, name), "rb").read(), name
+
+
+def test_extract_json_is_lenient_but_not_credulous():
+    assert extract_json('noise {"a": 1} more') == {"a": 1}
+    assert extract_json('```\n{"b": [1, 2]}\n```') == {"b": [1, 2]}
+    with pytest.raises(Exception, match="no JSON object"):
+        extract_json("[1, 2, 3]")
