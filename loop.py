@@ -72,6 +72,8 @@ def main(argv=None):
     llm.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
     llm.add_argument("--llm-max-calls", type=int, default=200, help="requests per run, at most")
     llm.add_argument("--llm-max-tokens", type=int, default=2_000_000, help="tokens per run, at most")
+    llm.add_argument("--llm-fraction", type=float, default=0.3,
+                     help="centaur: share of trials the LLM proposes (CMA-ES the rest)")
     args = ap.parse_args(argv)
     if args.trials is not None and args.trials < 0:
         ap.error("--trials must be >= 0")
@@ -81,7 +83,9 @@ def main(argv=None):
                         git=args.git, tag=args.tag, time_budget=args.budget,
                         llm=dict(base_url=args.llm_base_url, model=args.llm_model,
                                  key_env=args.llm_key_env, timeout=args.llm_timeout,
-                                 max_calls=args.llm_max_calls, max_tokens=args.llm_max_tokens))
+                                 max_calls=args.llm_max_calls, max_tokens=args.llm_max_tokens,
+                                 **({"llm_fraction": args.llm_fraction}
+                                    if args.strategy == "centaur" else {})))
     try:
         driver = Driver(settings)
         if args.dry_run:

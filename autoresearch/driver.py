@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import prepare
 from autoresearch import ledger as ledger_mod
 from autoresearch.judge import ThresholdJudge
+from autoresearch.memory import oom_observations, shrink_to_fit
 from autoresearch.patch import patch_constants, read_constants
 from autoresearch.proposers import config_key, make_proposer
 from autoresearch.runner import progress_of, run_trial
@@ -161,8 +162,20 @@ class Driver:
         proposer (a repeat with the value it already got) and never run or counted."""
         tried = self.tried()
         context = self.context(self.current_source())
+        ooms = oom_observations(self.rows)
         for _ in range(self.s.max_proposals):
             cand = self.proposer.propose(best, self.rows)
+            if ooms:  # shrink the micro-batch of a candidate known not to fit, before it runs
+                fitted = shrink_to_fit(cand.params, ooms)
+                if fitted is None:
+                    self.proposer.reject(cand)
+                    continue
+                if fitted != cand.params:
+                    note = (f"predicted oom: DEVICE_BATCH_SIZE {cand.params['DEVICE_BATCH_SIZE']}"
+                            f"->{fitted['DEVICE_BATCH_SIZE']}")
+                    cand.params = fitted
+                    cand.changes = {k: v for k, v in fitted.items() if v != best.get(k)}
+                    cand.description = f"{cand.description} ({note})"
             key = config_key(cand.params)
             if not cand.changes or key in tried:
                 self.proposer.reject(cand, tried.get(key, self.best()[1]))

@@ -103,6 +103,7 @@ class LLMProposer(Proposer):
         self.structured = True  # until the endpoint says it does not do JSON schemas
         self.check = None       # set by the driver: params -> reason it cannot run, or None
         self.gave_up = None     # why the current trial fell back to the numeric strategy
+        self.context_note = ""  # extra context another strategy shares (centaur: CMA-ES state)
         if client is None:
             import openai
             base_url = base_url or os.environ.get("OPENAI_BASE_URL")
@@ -133,6 +134,8 @@ class LLMProposer(Proposer):
         if crashes:
             parts += ["", "Recent crashes (avoid what caused them):"]
             parts += [f"  {r['error']}: {r['params']}" for r in crashes]
+        if self.context_note:
+            parts += ["", self.context_note]
         parts += ["", "Propose the next trial: change 1 to 4 constants of the best configuration."]
         return "\n".join(parts)
 

@@ -203,14 +203,17 @@ def _params_of(row, space):
 PROPOSERS = {p.name: p for p in (GreedyProposer, RandomProposer, TPEProposer, CmaEsProposer)}
 
 
-STRATEGIES = (*PROPOSERS, "llm")
+STRATEGIES = (*PROPOSERS, "llm", "centaur")
 
 
 def make_proposer(name, space, seed=0, llm=None):
     """A proposer by strategy name; llm holds the LLM proposer's options (endpoint, model...)."""
     if name == "llm":
         from autoresearch.llm import LLMProposer
-        return LLMProposer(space, seed, **(llm or {}))
+        return LLMProposer(space, seed, **{k: v for k, v in (llm or {}).items() if k != "llm_fraction"})
+    if name == "centaur":
+        from autoresearch.centaur import CentaurProposer
+        return CentaurProposer(space, seed, **(llm or {}))
     try:
         return PROPOSERS[name](space, seed)
     except KeyError:

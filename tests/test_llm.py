@@ -178,3 +178,29 @@ def test_extract_json_is_lenient_but_not_credulous():
     assert extract_json('```\n{"b": [1, 2]}\n```') == {"b": [1, 2]}
     with pytest.raises(Exception, match="no JSON object"):
         extract_json("[1, 2, 3]")
+
+
+def test_centaur_shares_cma_state_with_the_llm_and_tells_cma_everything(tmp_path, smoke_data, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(FAKE, tmp_path / "train.py")
+    (tmp_path / "search_space.yaml").write_text(FAKE_SPACE)
+    fake = FakeLLM()
+    try:
+        fake.script = [ok({"MATRIX_LR": 0.08}, "toward the optimum"), ok({"DEPTH": 1}),
+                       ok({"DEVICE_BATCH_SIZE": 8})]
+        driver = Driver(Settings(strategy="centaur", grace=30, llm=dict(
+            base_url=fake.url, model="fake", timeout=2.0, llm_fraction=0.5)), log=lambda *a: None)
+        rows = [driver.step(t) for t in range(9)]
+    finally:
+        fake.close()
+    by = [r["description"].split(":")[0] for r in rows[1:]]
+    assert by.count("centaur/llm") >= 3 and by.count("centaur/cmaes") >= 3, by
+    prompt = fake.requests[0]["body"]["messages"][1]["content"]
+    assert "CMA-ES state" in prompt and "mean configuration" in prompt and "step size sigma" in prompt
+    proposer = driver.proposer
+    assert proposer.llm_points >= 3
+    # Every finished trial after the baseline went into a CMA-ES generation (told or pending).
+    told = proposer.cma.generation * proposer.cma.population_size + len(proposer.generation)
+    assert told >= 8 - 1 and proposer.cma.generation >= 1

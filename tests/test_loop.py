@@ -277,3 +277,17 @@ def test_hours_limit_stops_an_open_ended_loop(work):
                        str(work / "p.png")], work)
     assert report.returncode == 0 and f"trials: {len(df) - 1} after the baseline" in report.stdout
     assert (work / "p.png").exists()
+
+
+def test_oom_lessons_shrink_later_candidates_before_they_run(work):
+    """After the baseline needed OOM retries, no later trial wastes a run on a size that is known
+    not to fit (except to learn a new lesson: the fake also fails at DEPTH 1, which is smaller)."""
+    set_fake("train.py", BEHAVIOUR="oom_above_4")
+    driver = Driver(Settings(seed=0, grace=30), log=lambda *a: None)
+    driver.step(0)
+    rows = [driver.step(t) for t in range(1, 9)]
+    wasted = [t for t in range(1, 9)
+              if any(f.startswith("run.oom") for f in os.listdir(work / "runs" / f"{t:04d}"))]
+    assert len(wasted) <= 1, wasted
+    assert any("predicted oom: DEVICE_BATCH_SIZE" in r["description"] for r in rows)
+    assert all(r["params"]["DEVICE_BATCH_SIZE"] <= 4 for r in rows if r["status"] != "crash")

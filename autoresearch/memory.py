@@ -1,0 +1,51 @@
+"""Crash awareness: learn from out-of-memory failures which configurations will not fit, and
+shrink the micro-batch of a candidate before it runs instead of after it crashes.
+
+Two sources of evidence, both in results.tsv: rows that crashed with `oom`, and rows whose
+description says an OOM retry halved DEVICE_BATCH_SIZE (the larger size failed). A candidate is
+predicted to run out of memory when it is at least as large as a failed configuration in every
+size constant they share (micro-batch, depth, width, head size): memory grows with each of them,
+so such a candidate cannot fit where the smaller one did not.
+"""
+import json
+import re
+
+SIZE_CONSTANTS = ("DEVICE_BATCH_SIZE", "DEPTH", "ASPECT_RATIO", "HEAD_DIM")
+_RETRY = re.compile(r"oom retry: DEVICE_BATCH_SIZE (\d+)->(\d+)")
+
+
+def oom_observations(rows):
+    """Size constants of every configuration known to have run out of memory."""
+    seen = []
+    for r in rows:
+        if not r.get("params"):
+            continue
+        params = json.loads(r["params"])
+        sizes = {k: params[k] for k in SIZE_CONSTANTS if isinstance(params.get(k), (int, float))}
+        if r["status"] == "crash" and r["error"] == "oom":
+            seen.append(sizes)
+        m = _RETRY.search(r.get("description", ""))
+        if m:  # it ran at the final size; twice that failed
+            seen.append(sizes | {"DEVICE_BATCH_SIZE": 2 * int(m.group(2))})
+    return [s for s in seen if s]
+
+
+def predicted_oom(params, observations):
+    """The failed configuration that `params` is at least as large as, or None."""
+    for failed in observations:
+        shared = [k for k in failed if isinstance(params.get(k), (int, float))]
+        if "DEVICE_BATCH_SIZE" in shared and all(params[k] >= failed[k] for k in shared):
+            return failed
+    return None
+
+
+def shrink_to_fit(params, observations, min_micro=1):
+    """params with DEVICE_BATCH_SIZE halved until no failure predicts an OOM (gradient
+    accumulation keeps TOTAL_BATCH_SIZE), or None if even the smallest is predicted to fail."""
+    params = dict(params)
+    while predicted_oom(params, observations):
+        micro = params.get("DEVICE_BATCH_SIZE")
+        if not isinstance(micro, int) or micro // 2 < min_micro:
+            return None
+        params["DEVICE_BATCH_SIZE"] = micro // 2
+    return params
