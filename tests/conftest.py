@@ -1,7 +1,10 @@
 import http.server
+import json
 import os
+import shutil
 import sys
 import threading
+import time
 
 import pytest
 
@@ -9,6 +12,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import prepare  # noqa: E402
+from autoresearch.driver import Driver, Settings  # noqa: E402
+
+FAKE = os.path.join(ROOT, "tests", "fixtures", "fake_train.py")
+FAKE_SPACE = """
+smoke:
+  mutate: [1, 2]
+  params:
+    MATRIX_LR: {low: 0.01, high: 0.32, log: true}
+    DEPTH: {choices: [1, 2, 3]}
+    DEVICE_BATCH_SIZE: {choices: [4, 8, 16]}
+  constraints:
+    - TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN) == 0
+"""
 
 
 @pytest.fixture
@@ -100,3 +116,78 @@ def hub():
     h = Hub()
     yield h
     h.close()
+
+
+SECRET = "sk-test-secret-4242"
+
+
+class FakeLLM:
+    """Answers POST /v1/chat/completions from a script: each entry is the answer's content (a
+    string), or {"status": code, "body": text}, or {"hang": seconds}. Records every request."""
+
+    def __init__(self):
+        self.script, self.requests = [], []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+                item = fake.script.pop(0) if fake.script else '{"changes": {}}'
+                if isinstance(item, dict) and "hang" in item:
+                    time.sleep(item["hang"])
+                    item = '{"changes": {"DEPTH": 3}, "rationale": "late"}'
+                if isinstance(item, dict):
+                    data = json.dumps({"error": {"message": item["body"], "type": "invalid_request_error"}}).encode()
+                    self.send_response(item["status"])
+                    self.send_header("Retry-After", "0")
+                else:
+                    data = json.dumps({
+                        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "fake",
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": item}}],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+                    }).encode()
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                try:
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up waiting (the hang case)
+                    self.close_connection = True
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_llm_work(tmp_path, smoke_data, monkeypatch):
+    """A working directory with the fixture trainer, a key in the environment and a scripted
+    endpoint; calling it with a strategy and LLM options gives a driver past its baseline."""
+    monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(FAKE, tmp_path / "train.py")
+    (tmp_path / "search_space.yaml").write_text(FAKE_SPACE)
+    fake = FakeLLM()
+
+    def start(strategy="llm", baseline=True, **llm):
+        driver = Driver(Settings(strategy=strategy, grace=30, llm=dict(
+            base_url=fake.url, model="fake", **llm)), log=lambda *a: None)
+        if baseline:
+            driver.step(0)  # DEPTH 2, MATRIX_LR 0.04, DEVICE_BATCH_SIZE 16
+        return driver, fake, tmp_path
+
+    yield start
+    fake.close()

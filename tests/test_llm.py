@@ -1,85 +1,19 @@
 """The LLM proposer through the real `openai` client against a scripted OpenAI-compatible server
 on 127.0.0.1: good answers, sloppy answers, hostile answers, no answers."""
-import http.server
 import json
 import os
-import shutil
-import threading
 import time
 
 import pandas as pd
 import pytest
 
-from autoresearch.driver import Driver, Settings
 from autoresearch.llm import extract_json
-from test_loop import FAKE, FAKE_SPACE, searched  # noqa: F401
-
-SECRET = "sk-test-secret-4242"
-
-
-class FakeLLM:
-    """Answers POST /v1/chat/completions from a script: each entry is the answer's content (a
-    string), or {"status": code, "body": text}, or {"hang": seconds}. Records every request."""
-
-    def __init__(self):
-        self.script, self.requests = [], []
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append({"body": body, "auth": self.headers.get("Authorization")})
-                item = fake.script.pop(0) if fake.script else '{"changes": {}}'
-                if isinstance(item, dict) and "hang" in item:
-                    time.sleep(item["hang"])
-                    item = '{"changes": {"DEPTH": 3}, "rationale": "late"}'
-                if isinstance(item, dict):
-                    data = json.dumps({"error": {"message": item["body"], "type": "invalid_request_error"}}).encode()
-                    self.send_response(item["status"])
-                    self.send_header("Retry-After", "0")
-                else:
-                    data = json.dumps({
-                        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "fake",
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": item}}],
-                        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
-                    }).encode()
-                    self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                try:
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:  # the client gave up waiting (the hang case)
-                    self.close_connection = True
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+from conftest import SECRET
 
 
 @pytest.fixture
-def llm_work(tmp_path, smoke_data, monkeypatch):
-    monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(FAKE, tmp_path / "train.py")
-    (tmp_path / "search_space.yaml").write_text(FAKE_SPACE)
-    fake = FakeLLM()
-    driver = Driver(Settings(strategy="llm", grace=30, llm=dict(
-        base_url=fake.url, model="fake", timeout=1.0, max_retries=2)), log=lambda *a: None)
-    driver.step(0)  # the baseline: DEPTH 2, MATRIX_LR 0.04, DEVICE_BATCH_SIZE 16
-    yield driver, fake, tmp_path
-    fake.close()
+def llm_work(fake_llm_work):
+    return fake_llm_work(timeout=1.0, max_retries=2)
 
 
 def ok(changes, rationale="because"):
@@ -180,21 +114,11 @@ def test_extract_json_is_lenient_but_not_credulous():
         extract_json("[1, 2, 3]")
 
 
-def test_centaur_shares_cma_state_with_the_llm_and_tells_cma_everything(tmp_path, smoke_data, monkeypatch):
-    monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(FAKE, tmp_path / "train.py")
-    (tmp_path / "search_space.yaml").write_text(FAKE_SPACE)
-    fake = FakeLLM()
-    try:
-        fake.script = [ok({"MATRIX_LR": 0.08}, "toward the optimum"), ok({"DEPTH": 1}),
-                       ok({"DEVICE_BATCH_SIZE": 8})]
-        driver = Driver(Settings(strategy="centaur", grace=30, llm=dict(
-            base_url=fake.url, model="fake", timeout=2.0, llm_fraction=0.5)), log=lambda *a: None)
-        rows = [driver.step(t) for t in range(9)]
-    finally:
-        fake.close()
+def test_centaur_shares_cma_state_with_the_llm_and_tells_cma_everything(fake_llm_work):
+    driver, fake, _ = fake_llm_work("centaur", baseline=False, timeout=2.0, llm_fraction=0.5)
+    fake.script = [ok({"MATRIX_LR": 0.08}, "toward the optimum"), ok({"DEPTH": 1}),
+                   ok({"DEVICE_BATCH_SIZE": 8})]
+    rows = [driver.step(t) for t in range(9)]
     by = [r["description"].split(":")[0] for r in rows[1:]]
     assert by.count("centaur/llm") >= 3 and by.count("centaur/cmaes") >= 3, by
     prompt = fake.requests[0]["body"]["messages"][1]["content"]
@@ -204,3 +128,4 @@ def test_centaur_shares_cma_state_with_the_llm_and_tells_cma_everything(tmp_path
     # Every finished trial after the baseline went into a CMA-ES generation (told or pending).
     told = proposer.cma.generation * proposer.cma.population_size + len(proposer.generation)
     assert told >= 8 - 1 and proposer.cma.generation >= 1
+

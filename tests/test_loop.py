@@ -13,19 +13,8 @@ import pytest
 
 from autoresearch.driver import Driver, LoopError, Settings
 from autoresearch.patch import patch_constants, read_constants
-from conftest import ROOT
+from conftest import FAKE, FAKE_SPACE, ROOT
 
-FAKE = os.path.join(ROOT, "tests", "fixtures", "fake_train.py")
-FAKE_SPACE = """
-smoke:
-  mutate: [1, 2]
-  params:
-    MATRIX_LR: {low: 0.01, high: 0.32, log: true}
-    DEPTH: {choices: [1, 2, 3]}
-    DEVICE_BATCH_SIZE: {choices: [4, 8, 16]}
-  constraints:
-    - TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN) == 0
-"""
 SEARCHED = ["MATRIX_LR", "DEPTH", "DEVICE_BATCH_SIZE"]
 
 

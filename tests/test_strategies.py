@@ -1,7 +1,6 @@
 """Model-based strategies (Optuna TPE and CMA-ES) on a cheap objective, and on resume."""
 import json
 import math
-import os
 import shutil
 
 import pandas as pd
