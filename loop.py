@@ -4,6 +4,7 @@ loop.py: improve train.py overnight, one trial at a time, every trial in results
     python loop.py                      # until Ctrl-C: baseline first, then greedy steps
     python loop.py --trials 20 --strategy random
     python loop.py --hours 8 --git --tag nov22
+    python loop.py --strategy llm --llm-scope code   # the LLM edits train.py's code too
     python loop.py --dry-run --trials 5 # the candidates it would run; runs nothing
     python loop.py report               # summary of results.tsv, and progress.png
 
@@ -74,9 +75,14 @@ def main(argv=None):
     llm.add_argument("--llm-max-tokens", type=int, default=2_000_000, help="tokens per run, at most")
     llm.add_argument("--llm-fraction", type=float, default=0.3,
                      help="centaur: share of trials the LLM proposes (CMA-ES the rest)")
+    llm.add_argument("--llm-scope", default="params", choices=["params", "code"],
+                     help="llm: change the constants only (default), or edit train.py's code "
+                     "with search/replace edits (the metric, budget and summary stay fixed)")
     args = ap.parse_args(argv)
     if args.trials is not None and args.trials < 0:
         ap.error("--trials must be >= 0")
+    if args.llm_scope == "code" and args.strategy != "llm":
+        ap.error("--llm-scope code needs --strategy llm")
 
     settings = Settings(train_path=args.train, space_path=args.space, results_path=args.results,
                         strategy=args.strategy, seed=args.seed, min_delta=args.min_delta,
@@ -85,7 +91,7 @@ def main(argv=None):
                                  key_env=args.llm_key_env, timeout=args.llm_timeout,
                                  max_calls=args.llm_max_calls, max_tokens=args.llm_max_tokens,
                                  **({"llm_fraction": args.llm_fraction}
-                                    if args.strategy == "centaur" else {})))
+                                    if args.strategy == "centaur" else {"scope": args.llm_scope})))
     try:
         driver = Driver(settings)
         if args.dry_run:

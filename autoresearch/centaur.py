@@ -107,6 +107,7 @@ class CentaurProposer(Proposer):
         self._ensure_cma(best)
         self.proposals += 1
         if self.proposals % self.every == 0:
+            self.llm.check = self.check
             self.llm.context_note = self.state_text()
             cand = self.llm.propose(best, history)
             cand.description = "centaur/" + cand.description

@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass, field
 
 import prepare
+from autoresearch import edits
 from autoresearch import ledger as ledger_mod
 from autoresearch.judge import ThresholdJudge
 from autoresearch.memory import oom_observations, shrink_to_fit
 from autoresearch.patch import patch_constants, read_constants
 from autoresearch.proposers import config_key, make_proposer
-from autoresearch.runner import progress_of, run_trial
+from autoresearch.runner import Outcome, progress_of, run_trial
 from autoresearch.space import PROFILE_NAMES, load_space
 
 
@@ -82,6 +83,9 @@ class Driver:
         except ValueError as e:
             raise LoopError(str(e)) from None
         self.proposer.check = self.cannot_run
+        self.proposer.read_source = self.current_source
+        self.proposer.defaults = dict(self.profile.train)
+        self._source_hashes = {}  # trial directory -> hash of the train.py it ran
         budget = settings.time_budget or float(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 0) \
             or self.profile.time_budget
         self.budget = budget
@@ -146,15 +150,36 @@ class Driver:
                 out[config_key(_untuple(json.loads(r["params"]), self.space))] = value
         return out
 
-    def cannot_run(self, params):
-        """Why a candidate will not be run (for proposers that can explain it), or None."""
-        key = config_key(params)
-        tried = self.tried()
-        if key in tried:
-            value = tried[key]
-            return (f"this configuration was tried already (val_bpb {value:.6f})" if value
-                    is not None else "this configuration was tried already and crashed")
-        broken = self.space.violations(self.context(self.current_source()) | params)
+    def tried_sources(self):
+        """Hashes of every train.py a trial in the results ran (code mode's novelty check)."""
+        out = set()
+        for r in self.rows:
+            if not r.get("log"):
+                continue
+            trial_dir = os.path.join(self.results_dir, os.path.dirname(r["log"]))
+            if trial_dir not in self._source_hashes:
+                try:
+                    with open(os.path.join(trial_dir, "train.py"), "rb") as f:
+                        self._source_hashes[trial_dir] = hashlib.sha1(f.read()).hexdigest()
+                except FileNotFoundError:
+                    continue
+            out.add(self._source_hashes[trial_dir])
+        return out
+
+    def cannot_run(self, params, source=None):
+        """Why a candidate will not be run (for proposers that can explain it), or None. A code
+        edit (source given) is new when no trial ran that exact train.py."""
+        if source is None:
+            key = config_key(params)
+            tried = self.tried()
+            if key in tried:
+                value = tried[key]
+                return (f"this configuration was tried already (val_bpb {value:.6f})" if value
+                        is not None else "this configuration was tried already and crashed")
+        elif hashlib.sha1(source.encode()).hexdigest() in self.tried_sources():
+            return "this exact train.py was tried already"
+        context = self.context(source if source is not None else self.current_source())
+        broken = self.space.violations(context | params)
         return f"it breaks the constraint(s): {'; '.join(broken)}" if broken else None
 
     def propose(self, best):
@@ -165,6 +190,12 @@ class Driver:
         ooms = oom_observations(self.rows)
         for _ in range(self.s.max_proposals):
             cand = self.proposer.propose(best, self.rows)
+            if cand.source is not None:  # a code edit: new if no trial ran this exact train.py
+                reason = self.cannot_run(cand.params, cand.source)
+                if reason is None:
+                    return cand
+                self.proposer.reject(cand)
+                continue
             if ooms:  # shrink the micro-batch of a candidate known not to fit, before it runs
                 fitted = shrink_to_fit(cand.params, ooms)
                 if fitted is None:
@@ -187,10 +218,10 @@ class Driver:
         raise LoopError(f"no new valid candidate in {self.s.max_proposals} proposals: the space "
                         f"looks exhausted or over-constrained")
 
-    def run_trial(self, trial, params, on_line=None):
-        """Run train.py with `params` (retrying with half the micro-batch on OOM). Returns
-        (outcome, trial source, note)."""
-        base = self.current_source()
+    def run_trial(self, trial, params, on_line=None, base=None):
+        """Run train.py (or `base`, a code edit's source) with `params`, retrying with half the
+        micro-batch on OOM. Returns (outcome, trial source, note)."""
+        base = self.current_source() if base is None else base
         eff = self.effective(base)
         changes = {n: v for n, v in params.items() if eff.get(n) != v}
         trial_dir = os.path.join(self.runs_dir, f"{trial:04d}")
@@ -246,7 +277,10 @@ class Driver:
             cand = self.propose(best)
             params, changes, description, strategy = (cand.params, cand.changes,
                                                       cand.description, self.proposer.name)
-        outcome, source, note = self.run_trial(trial, params, on_line)
+        code = None if strategy == "baseline" else cand.source
+        outcome, source, note = self.run_trial(trial, params, on_line, base=code)
+        if code is not None:
+            outcome = self._check_code_trial(outcome, cand)
         if note:
             description = f"{description} ({note})"
         row = self.record(trial, changes, params, outcome, source, description, strategy)
@@ -257,6 +291,21 @@ class Driver:
         if strategy == "baseline" and row["status"] == "crash":
             raise LoopError(f"the baseline crashed ({outcome.error}); see {outcome.log}")
         return row
+
+    def _check_code_trial(self, outcome, cand):
+        """Save a code edit's diff beside its log; a summary that breaks the contract (past the
+        budget, another profile) makes the trial a crash, never a keep."""
+        if outcome.log:
+            with open(os.path.join(os.path.dirname(outcome.log), "edit.diff"), "w") as f:
+                f.write(cand.meta.get("diff", ""))
+        by_steps = self.trainer_env.get("AUTORESEARCH_STEPS") or os.environ.get("AUTORESEARCH_STEPS")
+        if not outcome.ok or by_steps:  # a run of fixed steps has no budget to keep
+            return outcome
+        broken = edits.contract_violation(outcome.summary, self.budget, self.profile.name)
+        if broken is None:
+            return outcome
+        return Outcome(False, f"error: contract: {broken}", {}, outcome.returncode,
+                       outcome.wall_seconds, outcome.log)
 
     def run(self, trials=None, hours=None, progress=True):
         """Trials until `trials` more have run, `hours` have passed, or Ctrl-C."""

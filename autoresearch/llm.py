@@ -17,6 +17,8 @@ import math
 import os
 import re
 
+from autoresearch import edits
+from autoresearch.judge import noise_floor
 from autoresearch.proposers import Candidate, GreedyProposer, Proposer, describe_changes
 
 SYSTEM = """You tune the training recipe of a small GPT language model. Each trial trains for a
@@ -27,6 +29,23 @@ constants and values the search space allows. Answer with one JSON object:
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["changes", "rationale"],
           "properties": {"changes": {"type": "object"}, "rationale": {"type": "string"}}}
+
+SYSTEM_CODE = """You improve train.py, the training script of a small GPT language model. Each
+trial trains for a fixed time budget and reports val_bpb (validation bits per byte, lower is
+better). You propose the next trial as search/replace edits to the current best train.py: the
+architecture, the optimizer, the schedule, or the constants. Rules: the data, the metric and the
+time budget are fixed, so leave MAX_SEQ_LEN, TIME_BUDGET, load_prepared, the evaluate_bpb call
+and the summary it prints as they are; keep each constant of the search space a one-line literal
+within its allowed values; the file must stay valid Python. Each search text must occur exactly
+once in train.py, copied exactly; keep edits small and focused. Answer with one JSON object:
+{"edits": [{"search": "exact text", "replace": "new text"}], "rationale": "one short sentence"}"""
+
+SCHEMA_CODE = {
+    "type": "object", "additionalProperties": False, "required": ["edits", "rationale"],
+    "properties": {"rationale": {"type": "string"}, "edits": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["search", "replace"],
+        "properties": {"search": {"type": "string"}, "replace": {"type": "string"}}}}}}
+SCOPES = ("params", "code")
 
 
 class LLMError(Exception):
@@ -94,14 +113,16 @@ class LLMProposer(Proposer):
 
     def __init__(self, space, seed=0, base_url=None, model=None, key_env="OPENAI_API_KEY",
                  timeout=60.0, max_retries=3, max_calls=200, max_tokens=2_000_000,
-                 history=30, client=None):
+                 history=30, scope="params", client=None):
         super().__init__(space, seed)
+        if scope not in SCOPES:
+            raise ValueError(f"llm scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+        self.scope = scope
         self.fallback = GreedyProposer(space, seed)
         self.model = model or os.environ.get("AUTORESEARCH_LLM_MODEL") or "gpt-4o-mini"
         self.max_calls, self.max_tokens, self.history = max_calls, max_tokens, history
         self.calls = self.tokens = 0
         self.structured = True  # until the endpoint says it does not do JSON schemas
-        self.check = None       # set by the driver: params -> reason it cannot run, or None
         self.gave_up = None     # why the current trial fell back to the numeric strategy
         self.context_note = ""  # extra context another strategy shares (centaur: CMA-ES state)
         if client is None:
@@ -117,36 +138,59 @@ class LLMProposer(Proposer):
 
     # --- prompt ---------------------------------------------------------------------------------
 
-    def prompt(self, best, rows):
+    def history_lines(self, best, rows):
+        """Finished trials best first, recent crashes, and the noise floor once repeats show it."""
         done = [r for r in rows if r.get("status") in ("keep", "discard")]
         done.sort(key=lambda r: float(r["val_bpb"]))
         crashes = [r for r in rows if r.get("status") == "crash"][-8:]
-        best_val = min((float(r["val_bpb"]) for r in done if r["status"] == "keep"), default=None)
+        code = self.scope == "code"  # then what changed is in the description, not the params
+        parts = [f"Trials so far, best first ({len(done)} finished, showing "
+                 f"{min(len(done), self.history)}):"]
+        for r in done[:self.history]:
+            what = r["description"] if code else r["params"]
+            parts.append(f"  val_bpb {float(r['val_bpb']):.6f}  {r['status']:<7}  {what}")
+        if crashes:
+            parts += ["", "Recent crashes (avoid what caused them):"]
+            parts += [f"  {r['error']}: {r['description'] if code else r['params']}" for r in crashes]
+        noise = noise_floor(rows)
+        if noise:
+            parts += ["", f"Noise: the same configuration run again varies by about "
+                          f"{noise['std']:.6f} val_bpb (standard deviation over {noise['runs']} "
+                          f"repeated runs); differences smaller than that may be luck."]
+        return parts
+
+    def prompt(self, best, rows):
+        best_val = min((float(r["val_bpb"]) for r in rows if r.get("status") == "keep"), default=None)
         parts = [
             "Search space (constant: allowed values):", describe_space(self.space), "",
             f"Best configuration so far (val_bpb {best_val:.6f}):" if best_val else
             "Best configuration so far (not measured yet):",
             json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in best.items()}),
-            "", f"Trials so far, best first ({len(done)} finished, showing {min(len(done), self.history)}):",
-        ]
-        for r in done[:self.history]:
-            parts.append(f"  val_bpb {float(r['val_bpb']):.6f}  {r['status']:<7}  {r['params']}")
-        if crashes:
-            parts += ["", "Recent crashes (avoid what caused them):"]
-            parts += [f"  {r['error']}: {r['params']}" for r in crashes]
+            "", *self.history_lines(best, rows)]
         if self.context_note:
             parts += ["", self.context_note]
         parts += ["", "Propose the next trial: change 1 to 4 constants of the best configuration."]
         return "\n".join(parts)
 
-    def ask(self, messages):
+    def prompt_code(self, best, rows, source):
+        best_val = min((float(r["val_bpb"]) for r in rows if r.get("status") == "keep"), default=None)
+        parts = [
+            "Search space of the constants block (constant: allowed values):",
+            describe_space(self.space), "",
+            f"The current best train.py (val_bpb {best_val:.6f}):" if best_val else
+            "The current train.py (not measured yet):",
+            "```python", source.rstrip("\n"), "```", "", *self.history_lines(best, rows), "",
+            "Propose the next trial: one focused change to train.py, as search/replace edits."]
+        return "\n".join(parts)
+
+    def ask(self, messages, schema):
         if self.calls >= self.max_calls or self.tokens >= self.max_tokens:
             raise LLMError(f"budget spent ({self.calls} calls, {self.tokens} tokens)")
         self.calls += 1
         kwargs = dict(model=self.model, messages=messages, temperature=0.7)
         if self.structured:
             kwargs["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "proposal", "schema": SCHEMA, "strict": False}}
+                "name": "proposal", "schema": schema, "strict": False}}
         import openai
         try:
             resp = self.client.chat.completions.create(**kwargs)
@@ -164,6 +208,7 @@ class LLMProposer(Proposer):
     # --- proposing ------------------------------------------------------------------------------
 
     def parse(self, text, best):
+        """(params, real changes, rationale, None) from a constants answer."""
         obj = extract_json(text)
         changes = obj.get("changes", obj if "rationale" not in obj else None)
         if not isinstance(changes, dict) or not changes:
@@ -176,24 +221,52 @@ class LLMProposer(Proposer):
         reason = self.check(params) if self.check else None
         if reason:
             raise LLMError(reason)
-        rationale = " ".join(str(obj.get("rationale", "")).split())[:160]
-        return params, real, rationale
+        return params, real, _rationale(obj), None
+
+    def parse_code(self, text, best, base):
+        """(params, constants changed, rationale, edited source) from an edits answer."""
+        obj = extract_json(text)
+        try:
+            source = edits.apply_edits(base, obj.get("edits"))
+            if source == base:
+                raise edits.EditError("the edits leave train.py as it is")
+            params = edits.check_edited(source, base, self.space, self.defaults)
+        except edits.EditError as e:
+            raise LLMError(str(e)) from None
+        reason = self.check(params, source) if self.check else None
+        if reason:
+            raise LLMError(reason)
+        changes = {k: v for k, v in params.items() if best.get(k) != v}
+        return params, changes, _rationale(obj), source
 
     def propose(self, best, history):
         import openai
-        messages = [{"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": self.prompt(best, history)}]
-        tokens0, problem = self.tokens, None
         if self.gave_up:  # this trial fell back already: do not spend more calls on it
             return self._fallback(best, history, self.gave_up)
+        if self.scope == "code":
+            base = self.read_source()
+            messages = [{"role": "system", "content": SYSTEM_CODE},
+                        {"role": "user", "content": self.prompt_code(best, history, base)}]
+            schema, parse = SCHEMA_CODE, lambda text: self.parse_code(text, best, base)
+        else:
+            messages = [{"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": self.prompt(best, history)}]
+            schema, parse = SCHEMA, lambda text: self.parse(text, best)
+        tokens0, problem = self.tokens, None
         for attempt in range(2):  # the answer, then one repair round
             text = ""
             try:
-                text = self.ask(messages)
-                params, changes, rationale = self.parse(text, best)
+                text = self.ask(messages, schema)
+                params, changes, rationale, source = parse(text)
                 used = self.tokens - tokens0
-                desc = f"llm: {rationale or describe_changes(changes, best)} [{used} tokens]"
-                return Candidate(params, changes, desc, meta={"tokens": used})
+                if source is None:
+                    desc = f"llm: {rationale or describe_changes(changes, best)} [{used} tokens]"
+                    return Candidate(params, changes, desc, meta={"tokens": used})
+                patch, added, removed = edits.diff(base, source)
+                desc = (f"{edits.CODE_PREFIX} {rationale or 'an edit'} (+{added} -{removed} lines) "
+                        f"[{used} tokens]")
+                return Candidate(params, changes, desc, meta={"tokens": used, "diff": patch},
+                                 source=source)
             except LLMError as e:
                 problem = str(e)
                 if problem.startswith("budget spent"):
@@ -215,3 +288,7 @@ class LLMProposer(Proposer):
         cand.description = f"llm fallback ({problem[:80]}); greedy: {cand.description}"
         cand.meta["fallback"] = True
         return cand
+
+
+def _rationale(obj):
+    return " ".join(str(obj.get("rationale", "")).split())[:160]

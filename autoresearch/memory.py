@@ -10,6 +10,8 @@ so such a candidate cannot fit where the smaller one did not.
 import json
 import re
 
+from autoresearch.edits import is_code_edit
+
 SIZE_CONSTANTS = ("DEVICE_BATCH_SIZE", "DEPTH", "ASPECT_RATIO", "HEAD_DIM")
 _RETRY = re.compile(r"oom retry: DEVICE_BATCH_SIZE (\d+)->(\d+)")
 
@@ -18,7 +20,7 @@ def oom_observations(rows):
     """Size constants of every configuration known to have run out of memory."""
     seen = []
     for r in rows:
-        if not r.get("params"):
+        if not r.get("params") or is_code_edit(r):  # other code, other memory: no lesson here
             continue
         params = json.loads(r["params"])
         sizes = {k: params[k] for k in SIZE_CONSTANTS if isinstance(params.get(k), (int, float))}

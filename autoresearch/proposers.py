@@ -18,6 +18,7 @@ class Candidate:
     changes: dict         # the constants that differ from the best at proposal time
     description: str      # short, human readable
     meta: dict = field(default_factory=dict)  # the proposer's own bookkeeping
+    source: str = None    # code mode: the whole edited train.py the trial runs
 
 
 def config_key(params, seed=None):
@@ -34,7 +35,10 @@ def _short(v):
 
 class Proposer:
     name = "base"
-    check = None  # set by the driver: params -> why they cannot run, or None
+    # Set by the driver, for proposers that want them:
+    check = None        # (params, source=None) -> why they cannot run, or None
+    read_source = None  # () -> the current best train.py's text
+    defaults = {}       # the profile's values of constants that train.py leaves at None
 
     def __init__(self, space, seed=0):
         self.space = space
@@ -208,12 +212,16 @@ STRATEGIES = (*PROPOSERS, "llm", "centaur")
 
 def make_proposer(name, space, seed=0, llm=None):
     """A proposer by strategy name; llm holds the LLM proposer's options (endpoint, model...)."""
+    options = dict(llm or {})
     if name == "llm":
         from autoresearch.llm import LLMProposer
-        return LLMProposer(space, seed, **{k: v for k, v in (llm or {}).items() if k != "llm_fraction"})
+        options.pop("llm_fraction", None)
+        return LLMProposer(space, seed, **options)
     if name == "centaur":
         from autoresearch.centaur import CentaurProposer
-        return CentaurProposer(space, seed, **(llm or {}))
+        if options.pop("scope", "params") != "params":
+            raise ValueError("centaur proposes constants only; code edits need the llm strategy")
+        return CentaurProposer(space, seed, **options)
     try:
         return PROPOSERS[name](space, seed)
     except KeyError:

@@ -8,6 +8,7 @@ import os
 
 import pandas as pd
 
+from autoresearch.judge import noise_floor
 from autoresearch.ledger import COLUMNS
 
 _FLOATS = ["val_bpb", "memory_gb", "training_seconds", "total_seconds", "mfu_percent",
@@ -62,6 +63,7 @@ def summarize(df, top=5):
         "baseline": baseline, "best": best, "improvement": improvement,
         "improvement_percent": 100 * improvement / baseline if improvement is not None else None,
         "crash_reasons": df[df.status == "crash"].error.value_counts().to_dict(),
+        "noise": noise_floor(df.to_dict("records")),
         "top_hits": [{"trial": int(r.trial), "val_bpb": float(r.val_bpb), "gain": float(r.gain),
                       "description": r.description, "changes": json.loads(r.changes or "{}")}
                      for r in hits.itertuples()],
@@ -78,6 +80,9 @@ def format_summary(s):
         lines.append(f"best:     {s['best']:.6f}")
     if s["improvement"] is not None:
         lines.append(f"improvement: {s['improvement']:.6f} ({s['improvement_percent']:.2f}%)")
+    if s["noise"]:
+        lines.append(f"noise: val_bpb std {s['noise']['std']:.6f} over {s['noise']['runs']} runs "
+                     f"of {s['noise']['configs']} repeated configuration(s)")
     if s["top_hits"]:
         lines.append("top hits by gain:")
         lines += [f"  #{h['trial']:<4} {h['val_bpb']:.6f}  -{h['gain']:.6f}  {h['description']}"

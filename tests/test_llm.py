@@ -7,7 +7,8 @@ import time
 import pandas as pd
 import pytest
 
-from autoresearch.llm import extract_json
+from autoresearch.llm import LLMProposer, extract_json
+from autoresearch.space import parse_space
 from conftest import SECRET
 
 
@@ -129,3 +130,14 @@ def test_centaur_shares_cma_state_with_the_llm_and_tells_cma_everything(fake_llm
     told = proposer.cma.generation * proposer.cma.population_size + len(proposer.generation)
     assert told >= 8 - 1 and proposer.cma.generation >= 1
 
+
+def test_the_prompt_states_the_noise_once_known():
+    space = parse_space({"params": {"LR": {"low": 0.01, "high": 0.1, "log": True}}}, "cpu",
+                        {"LR": 0.04, "SEED": 1})
+    proposer = LLMProposer(space, client=object())  # prompts only: nothing is sent
+
+    def row(val, seed, lr=0.04):
+        return {"status": "discard", "val_bpb": f"{val:.6f}", "description": "",
+                "params": json.dumps({"LR": lr, "SEED": seed})}
+    assert "Noise:" not in proposer.prompt({"LR": 0.04}, [row(1.00, 1), row(1.02, 2, lr=0.05)])
+    assert "about 0.014142 val_bpb" in proposer.prompt({"LR": 0.04}, [row(1.00, 1), row(1.02, 2)])

@@ -1,7 +1,10 @@
 """The morning-after summary and plot, on a hand-written history."""
+import json
+
 import pytest
 
 from autoresearch import ledger as L
+from autoresearch.judge import noise_floor
 from autoresearch.report import format_summary, load_results, plot_progress, summarize
 
 
@@ -57,3 +60,25 @@ def test_plot_is_written(tmp_path, rows):
     data = open(path, "rb").read()
     assert data[:4] == b"\x89PNG" and len(data) > 5000
     assert format_summary(summarize(df))  # no history too small to summarise
+
+
+def test_noise_is_reported_once_a_configuration_repeats(tmp_path):
+    path = write(tmp_path / "results.tsv", HISTORY)
+    assert summarize(load_results(path))["noise"] is None
+    L.Ledger(path).append({"val_bpb": 0.975, "status": "discard", "description": "LR 0.04 again",
+                           "trial": 6, "params": {"LR": 0.04}, "profile": "cpu"})
+    text = format_summary(summarize(load_results(path)))
+    assert "noise: val_bpb std 0.003536 over 2 runs of 1 repeated configuration(s)" in text
+
+
+def row(val, seed, status="discard", description="", **params):
+    return {"status": status, "val_bpb": f"{val:.6f}", "description": description,
+            "params": json.dumps({"SEED": seed, "LR": 0.04, **params})}
+
+
+def test_noise_floor_from_repeated_configurations():
+    assert noise_floor([row(1.0, 1), row(1.1, 1, LR=0.05)]) is None
+    noise = noise_floor([row(1.00, 1), row(1.02, 2), row(0.5, 3, LR=0.05), row(0.52, 4, LR=0.05),
+                         row(0.9, 5, status="crash"), row(0.1, 6, description="llm code: x")])
+    assert noise["std"] == pytest.approx(0.01 * 2 ** 0.5) and noise["runs"] == 4
+    assert noise["configs"] == 2
