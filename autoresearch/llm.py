@@ -138,7 +138,7 @@ class LLMProposer(Proposer):
 
     # --- prompt ---------------------------------------------------------------------------------
 
-    def history_lines(self, best, rows):
+    def history_lines(self, rows):
         """Finished trials best first, recent crashes, and the noise floor once repeats show it."""
         done = [r for r in rows if r.get("status") in ("keep", "discard")]
         done.sort(key=lambda r: float(r["val_bpb"]))
@@ -160,26 +160,26 @@ class LLMProposer(Proposer):
         return parts
 
     def prompt(self, best, rows):
-        best_val = min((float(r["val_bpb"]) for r in rows if r.get("status") == "keep"), default=None)
+        best_val = _best_value(rows)
         parts = [
             "Search space (constant: allowed values):", describe_space(self.space), "",
             f"Best configuration so far (val_bpb {best_val:.6f}):" if best_val else
             "Best configuration so far (not measured yet):",
             json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in best.items()}),
-            "", *self.history_lines(best, rows)]
+            "", *self.history_lines(rows)]
         if self.context_note:
             parts += ["", self.context_note]
         parts += ["", "Propose the next trial: change 1 to 4 constants of the best configuration."]
         return "\n".join(parts)
 
     def prompt_code(self, best, rows, source):
-        best_val = min((float(r["val_bpb"]) for r in rows if r.get("status") == "keep"), default=None)
+        best_val = _best_value(rows)
         parts = [
             "Search space of the constants block (constant: allowed values):",
             describe_space(self.space), "",
             f"The current best train.py (val_bpb {best_val:.6f}):" if best_val else
             "The current train.py (not measured yet):",
-            "```python", source.rstrip("\n"), "```", "", *self.history_lines(best, rows), "",
+            "```python", source.rstrip("\n"), "```", "", *self.history_lines(rows), "",
             "Propose the next trial: one focused change to train.py, as search/replace edits."]
         return "\n".join(parts)
 
@@ -288,6 +288,10 @@ class LLMProposer(Proposer):
         cand.description = f"llm fallback ({problem[:80]}); greedy: {cand.description}"
         cand.meta["fallback"] = True
         return cand
+
+
+def _best_value(rows):
+    return min((float(r["val_bpb"]) for r in rows if r.get("status") == "keep"), default=None)
 
 
 def _rationale(obj):
