@@ -106,7 +106,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: the running trial was stopped and recorded as a crash "
+        print("\ninterrupted: a trial that was running was stopped and recorded as a crash "
               "(interrupted); train.py holds the best so far", file=sys.stderr)
         return 130
     return 0

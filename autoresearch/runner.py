@@ -41,7 +41,7 @@ def clean_env(data_dir=None, extra=None):
 
 
 def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=None):
-    """Write `source` as trial_dir/train.py, run it, and return an Outcome. KeyboardInterrupt
+    """Write `source` as trial_dir/train.py, run it, and return an Outcome. Ctrl-C (SIGINT)
     kills the whole process group and returns an 'interrupted' Outcome (the caller re-raises)."""
     os.makedirs(trial_dir, exist_ok=True)
     script = os.path.join(trial_dir, "train.py")
@@ -50,38 +50,62 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
     log_path = os.path.join(trial_dir, "run.log")
     t0 = time.time()
     lines = []
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "train.py"], cwd=trial_dir,
-                                env=clean_env(data_dir, env), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, text=True, errors="replace", bufsize=1,
-                                preexec_fn=_die_with_parent)
+    stop = threading.Event()
+    previous = _catch_interrupt(stop)
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "train.py"], cwd=trial_dir,
+                                    env=clean_env(data_dir, env), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, text=True, errors="replace",
+                                    bufsize=1, preexec_fn=_die_with_parent)
 
-        def pump():  # a thread, so the time limit holds even when the trainer prints nothing
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                lines.append(line.rstrip("\n"))
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
+            def pump():  # a thread, so the time limit holds even when the trainer prints nothing
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    lines.append(line.rstrip("\n"))
+                    if on_line is not None:
+                        on_line(line.rstrip("\n"))
 
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        error = ""
-        try:
-            proc.wait(timeout=time_limit)
-        except subprocess.TimeoutExpired:
-            error = "timeout"
-            kill_group(proc)
-        except KeyboardInterrupt:
-            kill_group(proc)
-            reader.join(timeout=5)
-            return Outcome(False, "interrupted", {}, proc.returncode, time.time() - t0, log_path)
-        reader.join(timeout=10)
+            reader = threading.Thread(target=pump, daemon=True)
+            reader.start()
+            error = _wait(proc, time_limit, stop)
+            if error:
+                kill_group(proc)
+            reader.join(timeout=10)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if error == "interrupted":
+        return Outcome(False, "interrupted", {}, proc.returncode, time.time() - t0, log_path)
     outcome = classify(lines, proc.returncode, error)
     outcome.wall_seconds = time.time() - t0
     outcome.log = log_path
     return outcome
+
+
+def _catch_interrupt(stop):
+    """While a trial runs, Ctrl-C only sets `stop`. A KeyboardInterrupt raised instead can land
+    inside the fork that starts the trainer, where Python prints and drops it ("Exception
+    ignored in ... _releaseLock"), and the loop would run on. Returns the handler to restore, or
+    None outside the main thread (where no signal arrives anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+
+
+def _wait(proc, time_limit, stop):
+    """'' when the trainer exits by itself, 'timeout' past the limit, 'interrupted' on Ctrl-C."""
+    deadline = time.monotonic() + time_limit
+    while proc.poll() is None:
+        remaining = deadline - time.monotonic()
+        if stop.is_set():
+            return "interrupted"
+        if remaining <= 0:
+            return "timeout"
+        stop.wait(min(0.1, remaining))
+    return "interrupted" if stop.is_set() else ""
 
 
 def _die_with_parent():

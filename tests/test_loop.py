@@ -170,15 +170,18 @@ def test_crashes_and_timeouts_are_rows_and_the_loop_goes_on(work):
     assert row["status"] in ("keep", "discard")
 
 
-def test_ctrl_c_records_interrupted_and_keeps_the_best(work):
+@pytest.mark.parametrize("delay", [0.0, 0.005, 0.5])
+def test_ctrl_c_records_interrupted_and_keeps_the_best(work, delay):
+    """Early delays land while the trainer is being started: once, a KeyboardInterrupt there
+    was dropped inside the fork and the loop ran on, or left the trial without a row."""
     set_fake("train.py", BEHAVIOUR="hang_if_changed")  # the baseline runs, any candidate hangs
     best = searched()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "loop.py"), "--trials", "3"],
                             cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (work / "runs" / "0001" / "run.log").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
+        time.sleep(0.001)
+    time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
