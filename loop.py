@@ -1,16 +1,19 @@
 """
 loop.py: improve train.py overnight, one trial at a time, every trial in results.tsv.
 
-    python loop.py                      # until Ctrl-C: baseline first, then greedy steps
-    python loop.py --trials 20 --strategy random
+    python loop.py                      # until Ctrl-C: the baseline (3 SEEDs), then greedy steps
+    python loop.py --trials 20 --strategy random     # 20 runs (rows), re-runs included
     python loop.py --hours 8 --git --tag nov22
     python loop.py --strategy llm --llm-scope code   # the LLM edits train.py's code too
+    python loop.py --judge threshold    # Karpathy's rule: keep one run that beats the best
     python loop.py --dry-run --trials 5 # the candidates it would run; runs nothing
     python loop.py report               # summary of results.tsv, and progress.png
+    python loop.py recheck --runs 3     # re-run baseline and incumbent: how much gain survives?
 
-It needs prepared data (python prepare.py). train.py always holds the best configuration so
-far; each candidate runs from its own copy under runs/<trial>/. Restarting resumes: numbering
-continues and train.py is restored to the best recorded trial if it drifted.
+It needs prepared data (python prepare.py). train.py always holds the incumbent; each run
+trains its own copy under runs/<trial>/. A challenger is kept only when its mean over re-runs
+beats the incumbent's mean with the confidence asked for. Restarting resumes, also in the middle
+of a race: numbering continues and train.py is restored to the incumbent if it drifted.
 """
 import argparse
 import os
@@ -23,6 +26,14 @@ from autoresearch.proposers import STRATEGIES
 from autoresearch.space import SpaceError
 
 USER_ERRORS = (LoopError, LedgerError, PatchError, SpaceError)
+
+
+def add_common(ap):
+    ap.add_argument("--results", default="results.tsv")
+    ap.add_argument("--train", default="train.py")
+    ap.add_argument("--space", default="search_space.yaml")
+    ap.add_argument("--budget", type=float, help="seconds per run instead of the profile's "
+                    "TIME_BUDGET (quick looks; results are then not comparable with others)")
 
 
 def report_main(argv):
@@ -44,23 +55,56 @@ def report_main(argv):
     return 0
 
 
+def recheck_main(argv):
+    from autoresearch import report
+    ap = argparse.ArgumentParser(prog="loop.py recheck", description="Re-run the baseline and "
+                                 "the incumbent with fresh SEEDs: how much of the gain survives?")
+    add_common(ap)
+    ap.add_argument("--runs", type=int, default=3, help="fresh runs of each (default 3)")
+    args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error("--runs must be >= 1")
+    try:
+        driver = Driver(Settings(train_path=args.train, space_path=args.space,
+                                 results_path=args.results, time_budget=args.budget))
+        result = driver.recheck(args.runs)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the recheck runs so far are rows in the results", file=sys.stderr)
+        return 130
+    print(report.format_recheck(result))
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
-    ap = argparse.ArgumentParser(description="Improve train.py's constants overnight.")
-    ap.add_argument("--trials", type=int, help="stop after this many trials (default: run until "
-                    "Ctrl-C or --hours)")
-    ap.add_argument("--hours", type=float, help="start no trial after this many hours")
+    if argv[:1] == ["recheck"]:
+        return recheck_main(argv[1:])
+    ap = argparse.ArgumentParser(description="Improve train.py's recipe overnight.")
+    ap.add_argument("--trials", type=int, help="stop after this many runs, every run counted "
+                    "(baseline repeats and re-runs too; default: until Ctrl-C or --hours)")
+    ap.add_argument("--hours", type=float, help="start no run after this many hours")
     ap.add_argument("--strategy", default="greedy", choices=STRATEGIES)
-    ap.add_argument("--space", default="search_space.yaml")
-    ap.add_argument("--results", default="results.tsv")
-    ap.add_argument("--train", default="train.py")
+    add_common(ap)
     ap.add_argument("--seed", type=int, default=0, help="the proposer's random seed")
-    ap.add_argument("--min-delta", type=float, default=0.0,
-                    help="keep only if val_bpb beats the best by more than this")
-    ap.add_argument("--budget", type=float, help="seconds per trial instead of the profile's "
-                    "TIME_BUDGET (quick looks; results are then not comparable with others)")
+    judge = ap.add_argument_group("judge (when a change is kept)")
+    judge.add_argument("--judge", default="noise", choices=["noise", "threshold"],
+                       help="noise (default): re-run promising configs and keep only a mean that "
+                       "beats the incumbent's with --confidence; threshold: Karpathy's rule, one "
+                       "run that beats the incumbent by --min-delta")
+    judge.add_argument("--baseline-runs", type=int, default=3,
+                       help="runs of the baseline (SEEDs base, base+1, ...) before the first "
+                       "verdict, so the noise is known (default 3)")
+    judge.add_argument("--max-runs", type=int, default=3,
+                       help="noise judge: runs a challenger gets at most (default 3)")
+    judge.add_argument("--confidence", type=float, default=0.95,
+                       help="noise judge: one-sided confidence a keep needs (default 0.95)")
+    judge.add_argument("--min-delta", type=float, default=0.0,
+                       help="threshold judge: keep only if val_bpb beats the incumbent by more")
     ap.add_argument("--git", action="store_true", help="commit each keep on autoresearch/<tag>")
     ap.add_argument("--tag", help="branch tag for --git (default: today, e.g. nov22)")
     ap.add_argument("--dry-run", action="store_true", help="print the candidates, run nothing")
@@ -84,8 +128,12 @@ def main(argv=None):
     if args.llm_scope == "code" and args.strategy != "llm":
         ap.error("--llm-scope code needs --strategy llm")
 
+    if args.max_runs < 2 and args.judge == "noise":
+        ap.error("--max-runs must be >= 2 for the noise judge (a keep needs a repeat)")
     settings = Settings(train_path=args.train, space_path=args.space, results_path=args.results,
-                        strategy=args.strategy, seed=args.seed, min_delta=args.min_delta,
+                        strategy=args.strategy, seed=args.seed, judge=args.judge,
+                        baseline_runs=args.baseline_runs, max_runs=args.max_runs,
+                        confidence=args.confidence, min_delta=args.min_delta,
                         git=args.git, tag=args.tag, time_budget=args.budget,
                         llm=dict(base_url=args.llm_base_url, model=args.llm_model,
                                  key_env=args.llm_key_env, timeout=args.llm_timeout,
@@ -99,8 +147,9 @@ def main(argv=None):
                 print(f"{cand.description}")
             return 0
         print(f"profile {driver.profile.name} | data {driver.data.meta['name']} | strategy "
-              f"{args.strategy} | budget {driver.budget:g}s (limit {driver.time_limit:g}s) | "
-              f"{len(driver.rows)} trial(s) in {args.results}", flush=True)
+              f"{args.strategy} | judge {driver.judge.describe()} | budget {driver.budget:g}s "
+              f"(limit {driver.time_limit:g}s) | {len(driver.rows)} run(s) in {args.results}",
+              flush=True)
         driver.run(trials=args.trials, hours=args.hours)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,25 +1,30 @@
-"""The loop itself: propose, run, judge, record; train.py always holds the best so far.
-
-loop.py and the notebook both drive this class:
+"""The loop itself, shaped like an Optuna Study: ask what to run, run it, tell the outcome.
 
     driver = Driver(Settings(strategy="greedy"))
-    driver.run(trials=10)
+    driver.run(trials=10)          # or one run at a time: row = driver.step()
+
+`ask()` decides what runs next: the baseline (several SEEDs, so the noise floor is known before
+the first verdict), the next run of a config whose race is open, a re-run of the incumbent, or a
+new candidate from the proposer (new, inside the constraints, fitted to memory). `tell()` asks
+the judge for a verdict, moves the ratchet (train.py always holds the incumbent) and writes the
+row. loop.py and the notebook both drive this class.
 """
-import hashlib
 import json
 import os
 import shutil
-import subprocess
+import socket
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import prepare
-from autoresearch import edits
+from autoresearch import edits, history
 from autoresearch import ledger as ledger_mod
-from autoresearch.judge import ThresholdJudge
+from autoresearch.judge import make_judge
 from autoresearch.memory import oom_observations, shrink_to_fit
 from autoresearch.patch import patch_constants, read_constants
-from autoresearch.proposers import config_key, make_proposer
+from autoresearch.proposers import Context, make_proposer
+from autoresearch.ratchet import GitRatchet, RatchetError, source_hash
 from autoresearch.runner import Outcome, progress_of, run_trial
 from autoresearch.space import PROFILE_NAMES, load_space
 
@@ -35,7 +40,11 @@ class Settings:
     results_path: str = "results.tsv"
     strategy: str = "greedy"
     seed: int = 0
-    min_delta: float = 0.0
+    judge: str = "noise"           # noise | threshold
+    baseline_runs: int = 3         # runs of the baseline before the first verdict
+    max_runs: int = 3              # noise judge: runs a challenger gets at most
+    confidence: float = 0.95       # noise judge: one-sided confidence a keep needs
+    min_delta: float = 0.0         # threshold judge: the margin a single run must beat
     git: bool = False
     tag: str = None
     data_dir: str = None           # a prepared dataset; default: the current one
@@ -45,6 +54,23 @@ class Settings:
     max_proposals: int = 500       # invalid or repeated candidates tolerated per trial
     trainer_env: dict = field(default_factory=dict)
     llm: dict = field(default_factory=dict)  # LLM proposer options: base_url, model, key_env...
+    worker: str = None             # the results' worker column; default host/device
+    run_fn: Callable = None        # runs one trial (default runner.run_trial); benchmarks swap it
+
+
+@dataclass
+class Job:
+    """One run to do."""
+    purpose: str          # baseline | incumbent | retest | new | recheck
+    kind: str             # baseline | params | code | recheck (the run's kind in results.tsv)
+    params: dict          # every searched constant
+    changes: dict         # against the incumbent when the config was proposed
+    config: str
+    seed: int
+    source: str           # the whole train.py the run trains, SEED included
+    description: str
+    strategy: str
+    candidate: object = None
 
 
 def _write_atomic(path, text):
@@ -54,6 +80,18 @@ def _write_atomic(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def default_worker():
+    import torch
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        device = f"cuda:{visible}"
+    elif torch.backends.mps.is_available():
+        device = "mps"
+    else:
+        device = "cpu"
+    return f"{socket.gethostname()}/{device}"
 
 
 class Driver:
@@ -69,38 +107,90 @@ class Driver:
             raise LoopError(str(e)) from None
         self.profile = self.data.profile
         try:
-            with open(self.train_path) as f:
-                source = f.read()
+            source = self.current_source()
         except FileNotFoundError:
             raise LoopError(f"no {self.train_path}") from None
         self.space = load_space(settings.space_path, self.profile.name, self.context(source))
+        if "SEED" in self.space.params:
+            raise LoopError(f"{settings.space_path}: SEED cannot be searched: a config's re-runs "
+                            f"vary SEED themselves, and a kept seed change is luck, not a recipe")
+        seed = read_constants(source).get("SEED")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise LoopError(f"{self.train_path} needs an integer literal SEED: re-runs of a "
+                            f"config change it")
         self.names = list(self.space.params)
-        self.ledger = ledger_mod.Ledger(settings.results_path)
-        self.ledger.bind(self.profile.name, self.data.meta["name"])
-        self.judge = ThresholdJudge(settings.min_delta)
         try:
+            self.judge = make_judge(settings.judge, confidence=settings.confidence,
+                                    max_runs=settings.max_runs, min_delta=settings.min_delta,
+                                    min_runs=min(2, settings.max_runs))
             self.proposer = make_proposer(settings.strategy, self.space, settings.seed, settings.llm)
         except ValueError as e:
             raise LoopError(str(e)) from None
-        self.proposer.check = self.cannot_run
-        self.proposer.read_source = self.current_source
-        self.proposer.defaults = dict(self.profile.train)
-        self._source_hashes = {}  # trial directory -> hash of the train.py it ran
-        budget = settings.time_budget or float(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 0) \
-            or self.profile.time_budget
-        self.budget = budget
+        if settings.baseline_runs < 1:
+            raise LoopError("--baseline-runs must be at least 1")
+        self.code_mode = settings.strategy == "llm" and settings.llm.get("scope") == "code"
+        self.ledger = ledger_mod.Ledger(settings.results_path)
+        # The budget is part of what makes runs comparable: a results file keeps the one it
+        # was started with (a resume needs no --budget), and refuses another.
+        asked = settings.time_budget or float(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 0)
+        budget = asked or self.ledger.recorded().get("time_budget") or self.profile.time_budget
+        self.ledger.bind(self.profile.name, self.data.meta["name"], float(budget))
+        self.budget = float(budget)
         self.time_limit = budget + (settings.grace if settings.grace is not None
                                     else max(60.0, 0.5 * budget))
         self.trainer_env = dict(settings.trainer_env)
-        if settings.time_budget:
-            self.trainer_env["AUTORESEARCH_TIME_BUDGET"] = str(settings.time_budget)
-        if settings.git:
-            self._git_start()
-        self.rows = self.ledger.rows()
-        self.proposer.warm_start(self.rows)
-        self._restore_best()
+        if self.budget != self.profile.time_budget:
+            self.trainer_env["AUTORESEARCH_TIME_BUDGET"] = f"{self.budget:g}"
+        self.run_fn = settings.run_fn or run_trial
+        self.worker = settings.worker or default_worker()
+        try:
+            self.ratchet = GitRatchet(self.train_path, settings.tag, log) if settings.git else None
+        except RatchetError as e:
+            raise LoopError(str(e)) from None
+        self.pending = {}  # config id -> the proposer's candidate, while its race runs
+        self.reload()
+        self.base_seed = self._base_seed(seed)
+        self._restore_incumbent()
+        self.proposer.warm_start(self.proposal_context())
 
-    # --- configuration ------------------------------------------------------------------------
+    # --- what the results say -----------------------------------------------------------------
+
+    def reload(self):
+        self.rows = self.ledger.rows()
+        self.runs = history.runs_of(self.rows, self.space)
+        self.refresh()
+
+    def refresh(self):
+        self.configs = history.configs_of(self.runs)
+        self.incumbent = history.incumbent_of(self.runs, self.configs)
+        self.noise = history.noise_floor(self.configs)
+
+    def _base_seed(self, seed):
+        """Every config's runs use SEEDs base, base+1, ...: the first baseline run's SEED."""
+        baseline = [r for r in self.runs if r.kind == "baseline" and r.seed is not None]
+        return min(baseline, key=lambda r: r.trial).seed if baseline else seed
+
+    def baseline(self):
+        first = min((r for r in self.runs if r.kind == "baseline"), key=lambda r: r.trial,
+                    default=None)
+        return self.configs[first.config] if first else None
+
+    def baseline_runs_left(self):
+        """How many baseline runs are still to come before the first verdict."""
+        base = self.baseline()
+        if base is None:
+            return self.s.baseline_runs
+        if self.incumbent is not None and base.id == self.incumbent.id and base.crashes < 2:
+            return max(0, self.s.baseline_runs - base.n)
+        return 0
+
+    def best(self):
+        """(the incumbent's searched values, its mean val_bpb), or train.py's before any run."""
+        if self.incumbent is None:
+            return self.searched(self.current_source()), None
+        return dict(self.incumbent.params), self.incumbent.mean
+
+    # --- train.py -----------------------------------------------------------------------------
 
     def effective(self, source):
         """train.py's literal constants, with None replaced by the profile's default."""
@@ -120,81 +210,137 @@ class Driver:
         eff = self.effective(source)
         return {n: eff[n] for n in self.names}
 
-    def best(self):
-        """(searched values, val_bpb) of the best trial, or of train.py before any trial."""
-        row = ledger_mod.best_row(self.rows)
-        if row is None:
-            return self.searched(self.current_source()), None
-        return _untuple(json.loads(row["params"]), self.space), float(row["val_bpb"])
+    def fingerprint(self, source):
+        return history.code_fingerprint(source, self.names)
 
-    def _restore_best(self):
-        row = ledger_mod.best_row(self.rows)
-        if row is None:
+    def config_of(self, params, source):
+        return history.config_id(params, self.fingerprint(source))
+
+    def source_of(self, config):
+        """The train.py a config trains (SEED as its first run had it), or None if lost."""
+        first = next((r for r in self.runs if r.config == config.id and r.row.get("log")), None)
+        if first is not None:
+            path = os.path.join(self.results_dir, os.path.dirname(first.row["log"]), "train.py")
+            try:
+                with open(path) as f:
+                    return f.read()
+            except FileNotFoundError:
+                pass
+        if config.kind == "code":
+            return None  # edited code that is no longer on disk cannot be re-created
+        current = self.current_source()
+        return patch_constants(current, {k: v for k, v in config.params.items()
+                                         if self.searched(current).get(k) != v})
+
+    def _restore_incumbent(self):
+        inc = self.incumbent
+        if inc is None:
             return
-        best, _ = self.best()
-        source = self.current_source()
-        drift = {n: v for n, v in best.items() if self.searched(source)[n] != v}
+        current = self.current_source()
+        if self.code_mode:  # a code edit kept by a loop that died before writing its row
+            want = self.source_of(inc)
+            if want is not None and self.fingerprint(want) != self.fingerprint(current):
+                _write_atomic(self.train_path, patch_constants(want, {"SEED": self.base_seed}))
+                self.log(f"restored train.py to the incumbent's code (config {inc.id})")
+                return
+        drift = {n: v for n, v in inc.params.items() if self.searched(current).get(n) != v}
         if drift:
-            _write_atomic(self.train_path, patch_constants(source, drift))
-            self.log(f"restored train.py to the best so far (trial {row['trial']}, val_bpb "
-                     f"{row['val_bpb']}): {', '.join(sorted(drift))}")
+            _write_atomic(self.train_path, patch_constants(current, drift))
+            self.log(f"restored train.py to the incumbent (config {inc.id}, mean val_bpb "
+                     f"{inc.mean:.6f} over {inc.n} runs): {', '.join(sorted(drift))}")
 
-    # --- one trial ----------------------------------------------------------------------------
+    # --- ask ----------------------------------------------------------------------------------
 
-    def tried(self):
-        """config key -> val_bpb (None for a crash) of every trial in the results."""
-        out = {}
-        for r in self.rows:
-            if r.get("params"):
-                value = float(r["val_bpb"]) if r["status"] in ("keep", "discard") else None
-                out[config_key(_untuple(json.loads(r["params"]), self.space))] = value
-        return out
-
-    def tried_sources(self):
-        """Hashes of every train.py a trial in the results ran (code mode's novelty check)."""
-        out = set()
-        for r in self.rows:
-            if not r.get("log"):
-                continue
-            trial_dir = os.path.join(self.results_dir, os.path.dirname(r["log"]))
-            if trial_dir not in self._source_hashes:
-                try:
-                    with open(os.path.join(trial_dir, "train.py"), "rb") as f:
-                        self._source_hashes[trial_dir] = hashlib.sha1(f.read()).hexdigest()
-                except FileNotFoundError:
-                    continue
-            out.add(self._source_hashes[trial_dir])
-        return out
+    def proposal_context(self):
+        best, value = self.best()
+        return Context(best=best, best_value=value,
+                       best_runs=self.incumbent.n if self.incumbent else 0,
+                       configs=self.configs, noise=self.noise, source=self.current_source(),
+                       defaults=dict(self.profile.train), check=self.cannot_run)
 
     def cannot_run(self, params, source=None):
-        """Why a candidate will not be run (for proposers that can explain it), or None. A code
-        edit (source given) is new when no trial ran that exact train.py."""
-        if source is None:
-            key = config_key(params)
-            tried = self.tried()
-            if key in tried:
-                value = tried[key]
-                return (f"this configuration was tried already (val_bpb {value:.6f})" if value
-                        is not None else "this configuration was tried already and crashed")
-        elif hashlib.sha1(source.encode()).hexdigest() in self.tried_sources():
-            return "this exact train.py was tried already"
-        context = self.context(source if source is not None else self.current_source())
-        broken = self.space.violations(context | params)
+        """Why a candidate will not be run, or None. A config is new when no run trained it."""
+        code = source if source is not None else self.current_source()
+        known = self.configs.get(self.config_of(params, code))
+        if known is not None and (known.n or known.crashes):  # (an interrupted run is no try)
+            if known.status == "retest":
+                return f"this configuration is being re-run already (mean {known.mean:.6f} over {known.n})"
+            if known.mean is not None:
+                return (f"this configuration was tried already (mean val_bpb {known.mean:.6f} "
+                        f"over {known.n} run{'s' if known.n > 1 else ''})")
+            return "this configuration was tried already and crashed"
+        broken = self.space.violations(self.context(code) | params)
         return f"it breaks the constraint(s): {'; '.join(broken)}" if broken else None
 
-    def propose(self, best):
+    def ask(self):
+        """The next run: the baseline's SEEDs first, then open races (with the incumbent's
+        re-runs the judge asks for), then a new candidate."""
+        inc = self.incumbent
+        if inc is None:
+            return self._rerun_job(None, "baseline")
+        if inc.crashes < 2:
+            base = self.baseline()
+            if base is not None and base.id == inc.id and inc.n < self.s.baseline_runs:
+                return self._rerun_job(inc, "baseline")
+            if self.noise is None and self.judge.name == "noise" and inc.n < self.s.baseline_runs:
+                return self._rerun_job(inc, "incumbent", "noise floor first")
+        race = next((c for c in self.configs.values() if c.status == "retest"), None)
+        if race is not None:
+            if inc.crashes < 2 and self.judge.wants_incumbent_run(inc, race):
+                return self._rerun_job(inc, "incumbent", f"during the race of {race.id}")
+            return self._rerun_job(race, "retest")
+        return self._new_job()
+
+    def _rerun_job(self, config, purpose, why=""):
+        """Another run of a known config (or the first baseline run), with a SEED it has not
+        used."""
+        if config is None:
+            source = self.current_source()
+            params = self.searched(source)
+            return Job("baseline", "baseline", params, {}, self.config_of(params, source),
+                       self.base_seed, source, "baseline", "baseline")
+        source = self.source_of(config)
+        if source is None:
+            raise LoopError(f"the train.py of config {config.id} is gone from {self.runs_dir}; "
+                            f"it cannot be re-run")
+        seed = config.next_seed(self.base_seed)
+        run = len(config.values) + 1
+        if purpose == "baseline":
+            description = f"baseline (run {run}/{self.s.baseline_runs})"
+        elif purpose == "incumbent":
+            description = f"incumbent re-run {run} ({why})"
+        else:
+            description = f"retest {run}/{self.s.max_runs}: {config.description}"
+        kind = config.kind if purpose != "recheck" else "recheck"
+        strategy = config.strategy if purpose != "recheck" else "recheck"
+        first = next(r for r in self.runs if r.config == config.id)
+        return Job(purpose, kind, dict(config.params), dict(_changes_of(first)), config.id, seed,
+                   patch_constants(source, {"SEED": seed}), description, strategy,
+                   self.pending.get(config.id))
+
+    def _new_job(self):
+        cand = self.propose()
+        base = cand.source if cand.source is not None else patch_constants(
+            self.current_source(), {k: v for k, v in cand.params.items()
+                                    if self.searched(self.current_source()).get(k) != v})
+        source = patch_constants(base, {"SEED": self.base_seed})
+        kind = "code" if cand.source is not None else "params"
+        return Job("new", kind, cand.params, cand.changes, self.config_of(cand.params, base),
+                   self.base_seed, source, cand.description,
+                   cand.strategy or self.proposer.name, cand)
+
+    def propose(self):
         """A candidate that is new and satisfies the constraints. Rejected ones are told to the
-        proposer (a repeat with the value it already got) and never run or counted."""
-        tried = self.tried()
-        context = self.context(self.current_source())
-        ooms = oom_observations(self.rows)
+        proposer (a repeat with the config it repeats) and never run or counted."""
+        ctx = self.proposal_context()
+        best = ctx.best
+        ooms = oom_observations(self.runs)
         for _ in range(self.s.max_proposals):
-            cand = self.proposer.propose(best, self.rows)
-            if cand.source is not None:  # a code edit: new if no trial ran this exact train.py
-                reason = self.cannot_run(cand.params, cand.source)
-                if reason is None:
+            cand = self.proposer.propose(ctx)
+            if cand.source is not None:  # a code edit: new if no run trained this code + values
+                if self.cannot_run(cand.params, cand.source) is None:
                     return cand
-                self.proposer.reject(cand)
+                self.proposer.reject(cand, self.configs.get(self.config_of(cand.params, cand.source)))
                 continue
             if ooms:  # shrink the micro-batch of a candidate known not to fit, before it runs
                 fitted = shrink_to_fit(cand.params, ooms)
@@ -207,97 +353,50 @@ class Driver:
                     cand.params = fitted
                     cand.changes = {k: v for k, v in fitted.items() if v != best.get(k)}
                     cand.description = f"{cand.description} ({note})"
-            key = config_key(cand.params)
-            if not cand.changes or key in tried:
-                self.proposer.reject(cand, tried.get(key, self.best()[1]))
+            if not cand.changes:
+                self.proposer.reject(cand, self.incumbent)
                 continue
-            if self.space.violations(context | cand.params):
-                self.proposer.reject(cand)
+            reason = self.cannot_run(cand.params)
+            if reason is not None:
+                self.proposer.reject(cand, self.configs.get(self.config_of(cand.params,
+                                                                           ctx.source)))
                 continue
             return cand
         raise LoopError(f"no new valid candidate in {self.s.max_proposals} proposals: the space "
                         f"looks exhausted or over-constrained")
 
-    def run_trial(self, trial, params, on_line=None, base=None):
-        """Run train.py (or `base`, a code edit's source) with `params`, retrying with half the
-        micro-batch on OOM. Returns (outcome, trial source, note)."""
-        base = self.current_source() if base is None else base
-        eff = self.effective(base)
-        changes = {n: v for n, v in params.items() if eff.get(n) != v}
+    # --- run ----------------------------------------------------------------------------------
+
+    def run_job(self, trial, job, on_line=None):
+        """Train the job's source, retrying with half the micro-batch on OOM. Returns (outcome,
+        the source that ran last, a note for the description)."""
         trial_dir = os.path.join(self.runs_dir, f"{trial:04d}")
         if os.path.exists(trial_dir):  # a trial cut short by a kill: start it afresh
             shutil.rmtree(trial_dir)
-        first_micro = micro = (eff | changes).get("DEVICE_BATCH_SIZE")
+        source = job.source
+        first_micro = micro = self.effective(source).get("DEVICE_BATCH_SIZE")
         for attempt in range(self.s.oom_retries + 1):
-            source = patch_constants(base, changes)
-            outcome = run_trial(trial_dir, source, self.time_limit, self.data.dir,
-                                self.trainer_env, on_line)
+            outcome = self.run_fn(trial_dir, source, self.time_limit, self.data.dir,
+                                  self.trainer_env, on_line)
             if outcome.error != "oom" or attempt == self.s.oom_retries or not micro or micro < 2:
                 break
             os.replace(outcome.log, os.path.join(trial_dir, f"run.oom{attempt + 1}.log"))
             self.log(f"trial {trial}: out of memory at DEVICE_BATCH_SIZE={micro}; retrying "
                      f"with {micro // 2} (TOTAL_BATCH_SIZE kept by gradient accumulation)")
-            micro = changes["DEVICE_BATCH_SIZE"] = micro // 2
+            micro //= 2
+            source = patch_constants(source, {"DEVICE_BATCH_SIZE": micro})
         note = f"oom retry: DEVICE_BATCH_SIZE {first_micro}->{micro}" if micro != first_micro else ""
+        if job.kind == "code":
+            outcome = self._check_code_trial(outcome, job)
         return outcome, source, note
 
-    def record(self, trial, cand_changes, params, outcome, source, description, strategy):
-        status = "crash"
-        _, best_val = self.best()
-        if outcome.ok:
-            keep = self.judge.keep(outcome.summary["val_bpb"], best_val, self.rows)
-            status = "keep" if keep else "discard"
-        if status == "keep":
-            _write_atomic(self.train_path, source)
-        commit = self._commit(source, status, outcome, description)
-        summ = outcome.summary
-        row = {
-            "commit": commit, "val_bpb": summ.get("val_bpb", 0.0),
-            "memory_gb": summ.get("peak_vram_mb", 0.0) / 1024, "status": status,
-            "description": description, "trial": trial, "started_at": self._started,
-            "strategy": strategy, "profile": self.profile.name,
-            "seed": self.effective(source).get("SEED", ""), "changes": cand_changes,
-            "params": self.searched(source),
-            **{k: summ.get(k, 0.0) for k in ("training_seconds", "total_seconds", "mfu_percent",
-                                            "total_tokens_M", "num_params_M")},
-            "num_steps": int(summ.get("num_steps", 0)), "error": outcome.error,
-            "log": os.path.relpath(outcome.log, self.results_dir) if outcome.log else "",
-        }
-        self.ledger.append(row)
-        self.rows = self.ledger.rows()
-        return row
-
-    def step(self, trial, on_line=None):
-        """Run the next trial (the baseline first) and record it; returns the row written."""
-        self._started = ledger_mod.now_iso()
-        best, _ = self.best()
-        if not self.rows:
-            params, changes, description, strategy = best, {}, "baseline", "baseline"
-        else:
-            cand = self.propose(best)
-            params, changes, description, strategy = (cand.params, cand.changes,
-                                                      cand.description, self.proposer.name)
-        code = None if strategy == "baseline" else cand.source
-        outcome, source, note = self.run_trial(trial, params, on_line, base=code)
-        if code is not None:
-            outcome = self._check_code_trial(outcome, cand)
-        if note:
-            description = f"{description} ({note})"
-        row = self.record(trial, changes, params, outcome, source, description, strategy)
-        if strategy != "baseline":
-            self.proposer.tell(cand, row)
-        if outcome.error == "interrupted":
-            raise KeyboardInterrupt
-        if strategy == "baseline" and row["status"] == "crash":
-            raise LoopError(f"the baseline crashed ({outcome.error}); see {outcome.log}")
-        return row
-
-    def _check_code_trial(self, outcome, cand):
+    def _check_code_trial(self, outcome, job):
         """Save a code edit's diff beside its log; a summary that breaks the contract (past the
         budget, another profile) makes the trial a crash, never a keep."""
-        if outcome.log:
+        diff = job.candidate.meta.get("diff", "") if job.candidate is not None else ""
+        if outcome.log and diff:
             with open(os.path.join(os.path.dirname(outcome.log), "edit.diff"), "w") as f:
-                f.write(cand.meta.get("diff", ""))
+                f.write(diff)
         by_steps = self.trainer_env.get("AUTORESEARCH_STEPS") or os.environ.get("AUTORESEARCH_STEPS")
         if not outcome.ok or by_steps:  # a run of fixed steps has no budget to keep
             return outcome
@@ -307,12 +406,98 @@ class Driver:
         return Outcome(False, f"error: contract: {broken}", {}, outcome.returncode,
                        outcome.wall_seconds, outcome.log)
 
+    # --- tell ---------------------------------------------------------------------------------
+
+    def tell(self, job, trial, outcome, source, note="", started=None):
+        """Judge the run, move the ratchet, write the row; returns (row, verdict reason)."""
+        params = self.searched(source)
+        config = job.config if params == job.params else self.config_of(params, source)
+        description = f"{job.description} ({note})" if note else job.description
+        summary = outcome.summary
+        row = {
+            "val_bpb": summary.get("val_bpb", 0.0),
+            "memory_gb": summary.get("peak_vram_mb", 0.0) / 1024, "status": "crash",
+            "description": description, "trial": trial,
+            "started_at": started or ledger_mod.now_iso(), "strategy": job.strategy,
+            "profile": self.profile.name, "seed": job.seed, "changes": job.changes,
+            "params": params,
+            **{k: summary.get(k, 0.0) for k in ("training_seconds", "total_seconds",
+                                               "mfu_percent", "total_tokens_M", "num_params_M")},
+            "num_steps": int(summary.get("num_steps", 0)), "error": outcome.error,
+            "log": os.path.relpath(outcome.log, self.results_dir) if outcome.log else "",
+            "config": config, "worker": self.worker,
+        }
+        run = history.Run(trial, "discard" if outcome.ok else "crash",  # provisional status
+                          row["val_bpb"] if outcome.ok else None, params, config, job.seed,
+                          job.strategy, job.kind, description, outcome.error, None, row)
+        after = history.configs_of(self.runs + [run])
+        mine, inc = after[config], self.incumbent and after[self.incumbent.id]
+        reason = outcome.error
+        if not outcome.ok:
+            status = "crash"
+        elif inc is None or config == inc.id:
+            status, reason = "keep", "the incumbent"
+        elif job.purpose == "recheck":
+            status, reason = "discard", "not the incumbent"
+        else:
+            verdict = self.judge.verdict(mine, inc, history.noise_floor(after))
+            status, reason = verdict.status, verdict.reason
+        row["status"] = status
+        row["runs"] = mine.n
+        row["mean_bpb"] = mine.mean if status != "crash" and mine.mean is not None else 0.0
+        if status == "keep" and (inc is None or config != inc.id):
+            _write_atomic(self.train_path, patch_constants(source, {"SEED": self.base_seed}))
+        row["commit"] = self._commit(source, status == "keep" and (inc is None or config != inc.id),
+                                     f"val_bpb {mine.mean or 0:.6f} over {mine.n} runs: {description}")
+        self.ledger.append(row)
+        self.reload()
+        self._tell_proposer(job, config, status)
+        return row, reason
+
+    def _tell_proposer(self, job, config, status):
+        if job.purpose not in ("new", "retest"):
+            return
+        if status == "retest":
+            if job.candidate is not None:
+                self.pending[config] = job.candidate
+            return
+        candidate = self.pending.pop(config, None) or job.candidate
+        if candidate is not None or job.purpose == "retest":
+            self.proposer.tell(candidate, self.configs[config])
+
+    def _commit(self, source, keep, message):
+        if self.ratchet is None:
+            return source_hash(source)
+        try:
+            return self.ratchet.commit(source, keep, message)
+        except RatchetError as e:
+            raise LoopError(str(e)) from None
+
+    # --- driving ------------------------------------------------------------------------------
+
+    def step(self, trial=None, on_line=None):
+        """Ask, run and tell one run; returns the row written."""
+        return self._step(trial, on_line)[0]
+
+    def _step(self, trial=None, on_line=None):
+        started = ledger_mod.now_iso()
+        job = self.ask()
+        trial = ledger_mod.next_trial(self.rows) if trial is None else trial
+        outcome, source, note = self.run_job(trial, job, on_line)
+        row, reason = self.tell(job, trial, outcome, source, note, started)
+        if outcome.error == "interrupted":
+            raise KeyboardInterrupt
+        if job.purpose == "baseline" and row["status"] == "crash" and len(self.configs) == 1 \
+                and not self.configs[row["config"]].n:
+            raise LoopError(f"the baseline crashed ({outcome.error}); see {outcome.log}")
+        return row, reason, job
+
     def run(self, trials=None, hours=None, progress=True):
-        """Trials until `trials` more have run, `hours` have passed, or Ctrl-C."""
+        """Runs until `trials` more have run (every run counts: baseline repeats and re-runs
+        too), `hours` have passed, or Ctrl-C."""
         from tqdm.auto import tqdm
         deadline = time.time() + hours * 3600 if hours else None
-        total = trials + (0 if self.rows else 1) if trials is not None else None
-        bar = tqdm(total=total, disable=not progress, unit="trial", dynamic_ncols=True)
+        bar = tqdm(total=trials, disable=not progress, unit="run", dynamic_ncols=True)
         last_refresh = [0.0]
         interval = 0.5 if getattr(bar, "fp", None) is not None and _is_tty(bar.fp) else 30.0
 
@@ -320,67 +505,98 @@ class Driver:
             p = progress_of(line)
             if p and time.time() - last_refresh[0] >= interval:
                 last_refresh[0] = time.time()
-                _, best_val = self.best()
-                bar.set_postfix(strategy=self.s.strategy, best=f"{best_val:.6f}" if best_val else "-",
-                                step=p[0], loss=f"{p[2]:.3f}")
+                _, best = self.best()
+                bar.set_postfix(incumbent=f"{best:.6f}" if best else "-", step=p[0],
+                                loss=f"{p[2]:.3f}")
 
         done = []
         try:
-            while (total is None or len(done) < total) and (deadline is None or time.time() < deadline):
+            while (trials is None or len(done) < trials) and (deadline is None or time.time() < deadline):
                 trial = ledger_mod.next_trial(self.rows)
                 bar.set_description(f"trial {trial}")
-                row = self.step(trial, on_line)
+                row, reason, job = self._step(trial, on_line)
                 done.append(row)
                 bar.update(1)
-                bar.write(f"trial {trial:>4} {row['status']:>7} val_bpb {float(row['val_bpb']):.6f} "
-                          f"{row['description'] or row['error']}"[:160])
+                bar.write(self.trial_line(row, reason))
         finally:
             bar.close()
         return done
 
+    def trial_line(self, row, reason=""):
+        """One line per run: its status and value, its config and where its race stands."""
+        inc = self.incumbent
+        value = float(row["val_bpb"])
+        head = (f"trial {row['trial']:>4} {row['status']:>7} "
+                f"{'val_bpb ' + format(value, '.6f') if row['status'] != 'crash' else row['error']}")
+        where = f"config {row['config']} run {row['runs']}"
+        if row["status"] != "crash" and row["runs"] > 1:
+            where += f" mean {float(row['mean_bpb']):.6f}"
+        if inc is not None and inc.id != row["config"]:
+            where += f" | incumbent {inc.mean:.6f} over {inc.n}"
+        text = f"{head} | {where} | {row['description']}"
+        if reason and row["status"] != "crash" and reason not in ("the incumbent", "not the incumbent"):
+            text += f" | {reason}"
+        return text[:300]
+
     def dry_run(self, n):
-        """The next n candidates the proposer would run from the current best; runs nothing."""
-        best, _ = self.best()
+        """The next n new candidates the proposer would run from the incumbent; runs nothing."""
         out = []
-        for _ in range(n):
-            cand = self.propose(best)
-            out.append(cand)
-            self.rows = self.rows + [{"params": json.dumps(cand.params, sort_keys=True, default=list),
-                                      "status": "dry", "val_bpb": "0"}]
-        self.rows = self.ledger.rows()
+        saved = self.configs
+        try:
+            for _ in range(n):
+                cand = self.propose()
+                out.append(cand)
+                cid = self.config_of(cand.params, cand.source or self.current_source())
+                self.configs = dict(self.configs) | {cid: history.Config(
+                    cid, cand.params, "params", "dry", cand.description, -1, status="discard")}
+        finally:
+            self.configs = saved
         return out
 
-    # --- git ratchet --------------------------------------------------------------------------
+    def recheck(self, runs=3, on_line=None):
+        """Re-run the baseline and the incumbent `runs` times each with SEEDs neither has used,
+        interleaved, as rows of strategy `recheck`; returns how much of the recorded gain
+        survives."""
+        base, inc = self.baseline(), self.incumbent
+        if base is None or inc is None:
+            raise LoopError("nothing to recheck: the results hold no baseline yet")
+        if base.id == inc.id:
+            raise LoopError("nothing to recheck: the baseline is still the incumbent")
+        recorded = base.mean - inc.mean
+        before = {base.id: base.n, inc.id: inc.n}
+        rows = []
+        for k in range(runs):
+            for config, who in ((base, "baseline"), (inc, "incumbent")):
+                config = self.configs[config.id]
+                job = self._rerun_job(config, "recheck")
+                job.description = f"recheck {k + 1}/{runs} of the {who} ({config.id})"
+                trial = ledger_mod.next_trial(self.rows)
+                outcome, source, note = self.run_job(trial, job, on_line)
+                row, _ = self.tell(job, trial, outcome, source, note)
+                rows.append(row)
+                self.log(self.trial_line(row))
+                if outcome.error == "interrupted":
+                    raise KeyboardInterrupt
+        fresh = {cid: [float(r["val_bpb"]) for r in rows
+                       if r["config"] == cid and r["status"] != "crash"] for cid in before}
+        if not fresh[base.id] or not fresh[inc.id]:
+            raise LoopError("the recheck runs crashed; see their rows in the results")
+        again = _mean(fresh[base.id]) - _mean(fresh[inc.id])
+        return {"recorded_gain": recorded, "recorded_runs": before, "rechecked_gain": again,
+                "rechecked_runs": {k: len(v) for k, v in fresh.items()},
+                "retained": again / recorded if recorded else None,
+                "baseline": base.id, "incumbent": inc.id, "noise": self.noise}
 
-    def _git(self, *args):
-        repo = os.path.dirname(self.train_path)
-        proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-        if proc.returncode:
-            raise LoopError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
-        return proc.stdout.strip()
 
-    def _git_start(self):
-        tag = self.s.tag or time.strftime("%b%d").lower()
-        branch = f"autoresearch/{tag}"
-        self._git("rev-parse", "--git-dir")
-        if self._git("status", "--porcelain", "--", os.path.basename(self.train_path)):
-            raise LoopError("train.py has uncommitted changes; commit or stash them before --git")
-        if self._git("branch", "--list", branch):
-            if self._git("rev-parse", "--abbrev-ref", "HEAD") != branch:
-                self._git("checkout", branch)
-        else:
-            self._git("checkout", "-b", branch)
-        self.log(f"git: ratchet on branch {branch}")
+def _changes_of(run):
+    try:
+        return json.loads(run.row.get("changes") or "{}")
+    except ValueError:
+        return {}
 
-    def _commit(self, source, status, outcome, description):
-        if not self.s.git:
-            return hashlib.sha1(source.encode()).hexdigest()[:7]
-        if status == "keep":
-            self._git("add", os.path.basename(self.train_path))
-            if self._git("status", "--porcelain", "--", os.path.basename(self.train_path)):
-                self._git("commit", "-q", "-m", f"val_bpb {outcome.summary['val_bpb']:.6f}: "
-                          f"{description}"[:200])
-        return self._git("rev-parse", "--short", "HEAD")
+
+def _mean(values):
+    return sum(values) / len(values)
 
 
 def _is_tty(stream):
@@ -388,14 +604,3 @@ def _is_tty(stream):
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def _untuple(params, space):
-    """JSON turns tuples into lists; give tuple-valued constants their tuples back."""
-    out = {}
-    for k, v in params.items():
-        p = space.params.get(k)
-        if isinstance(v, list) and p is not None and p.choices and isinstance(p.choices[0], tuple):
-            v = tuple(v)
-        out[k] = v
-    return out

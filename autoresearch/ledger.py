@@ -1,9 +1,14 @@
-"""results.tsv: append one trial per row, read it back, resume from it.
+"""results.tsv: append one run per row, read it back, resume from it.
 
 Each row goes to disk in a single write() under an exclusive lock, then fsync: a kill at any
 moment leaves whole rows, and two loops sharing the file never interleave lines. A sidecar
 `<results>.meta.json` records the profile and the prepared dataset the file belongs to, so one
 results file never mixes runs that cannot be compared.
+
+Files written before the last four columns (config, runs, mean_bpb, worker) existed still read:
+the missing columns are filled in from the rows (the config from each run's own train.py where
+runs/ still has it). The first append to such a file rewrites it whole with the new columns,
+atomically, and keeps the original beside it as `<results>.20col.bak`.
 """
 import csv
 import fcntl
@@ -12,17 +17,20 @@ import math
 import os
 import time
 
+from autoresearch import history
+
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "trial", "started_at",
            "strategy", "profile", "seed", "changes", "params", "training_seconds",
            "total_seconds", "mfu_percent", "num_steps", "total_tokens_M", "num_params_M",
-           "error", "log"]
+           "error", "log", "config", "runs", "mean_bpb", "worker"]
+LEGACY_COLUMNS = COLUMNS[:20]
 _FORMATS = {"val_bpb": "{:.6f}", "memory_gb": "{:.1f}", "training_seconds": "{:.1f}",
             "total_seconds": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
-            "num_params_M": "{:.1f}"}
+            "num_params_M": "{:.1f}", "mean_bpb": "{:.6f}"}
 
 
 class LedgerError(ValueError):
-    """A results file that belongs to another profile or dataset, or is not ours."""
+    """A results file that belongs to another profile, dataset or budget, or is not ours."""
 
 
 def now_iso():
@@ -56,19 +64,27 @@ class Ledger:
         self.meta_path = os.path.splitext(self.path)[0] + ".meta.json"
         self.claim = None
 
-    def bind(self, profile, data_name):
-        """Claim the file for a profile and dataset (written with the first row), or refuse if
-        it holds another."""
-        self.claim = {"profile": profile, "data": data_name}
-        if os.path.exists(self.meta_path):
+    def recorded(self):
+        """What the file was claimed for (profile, data, time_budget), or {} for a new file."""
+        try:
             with open(self.meta_path) as f:
-                have = json.load(f)
-            for key in ("profile", "data"):
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+
+    def bind(self, profile, data_name, time_budget=None):
+        """Claim the file for a profile, dataset and time budget (written with the first row),
+        or refuse if it holds another: runs of other data or budgets cannot be compared."""
+        self.claim = {"profile": profile, "data": data_name, "time_budget": time_budget}
+        if os.path.exists(self.meta_path):
+            have = self.recorded()
+            keys = ("profile", "data") + (("time_budget",) if have.get("time_budget") else ())
+            for key in keys:
                 if have.get(key) != self.claim[key]:
                     raise LedgerError(
-                        f"{self.path} holds trials of {key} {have.get(key)!r}, but this run uses "
+                        f"{self.path} holds runs of {key} {have.get(key)!r}, but this run uses "
                         f"{self.claim[key]!r}; use another --results file (results are only "
-                        f"comparable within one profile and dataset)")
+                        f"comparable within one profile, dataset and time budget)")
         rows = self.rows()
         if rows and any(r["profile"] != profile for r in rows):
             raise LedgerError(f"{self.path} holds trials of profile {rows[0]['profile']!r}, not "
@@ -86,10 +102,14 @@ class Ledger:
         line = format_row(row).encode("utf-8")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._write_claim()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = self._open_locked()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
+            if size and self._header() == LEGACY_COLUMNS:
+                self._migrate()  # replaces the file: take the lock on the new one
+                os.close(fd)
+                fd = self._open_locked()
+                size = os.fstat(fd).st_size
             if size == 0:
                 line = ("\t".join(COLUMNS) + "\n").encode() + line
             elif not self._ends_with_newline(size):
@@ -99,6 +119,40 @@ class Ledger:
             os.fsync(fd)
         finally:
             os.close(fd)  # closing releases the lock
+
+    def _open_locked(self):
+        """The results file opened for appending under an exclusive lock. If another writer
+        replaced the file (a migration) while we waited, the lock we got is on the old one:
+        open again."""
+        while True:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def _header(self):
+        with open(self.path, newline="") as f:
+            return f.readline().rstrip("\n").split("\t")
+
+    def _migrate(self):
+        """Rewrite a 20-column file with the new columns, atomically; keep the original."""
+        rows = self.rows()
+        backup = f"{self.path}.20col.bak"
+        if not os.path.exists(backup):
+            with open(self.path, "rb") as src, open(backup, "wb") as dst:
+                dst.write(src.read())
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        with open(tmp, "w", newline="") as f:
+            f.write("\t".join(COLUMNS) + "\n")
+            f.writelines(format_row(r) for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def _ends_with_newline(self, size):
         with open(self.path, "rb") as f:
@@ -122,15 +176,35 @@ class Ledger:
         if not text.endswith("\n"):
             text = text[:text.rfind("\n") + 1]
         lines = text.splitlines()
-        if lines[0].split("\t") != COLUMNS:
+        header = lines[0].split("\t")
+        if header not in (COLUMNS, LEGACY_COLUMNS):
             raise LedgerError(f"{self.path} does not have the results.tsv columns; is it ours?")
-        return list(csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
+        rows = list(csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
+        if header == LEGACY_COLUMNS:
+            complete_legacy(rows, os.path.dirname(self.path))
+        return rows
 
 
-def best_row(rows):
-    """The kept row with the lowest val_bpb (the ratchet's current best), or None."""
-    keeps = [r for r in rows if r["status"] == "keep"]
-    return min(keeps, key=lambda r: float(r["val_bpb"])) if keeps else None
+def complete_legacy(rows, results_dir):
+    """Fill config, runs, mean_bpb and worker into rows of a 20-column file, in place."""
+    seen = {}
+    for r in sorted(rows, key=lambda r: int(r["trial"] or 0)):
+        params = json.loads(r["params"]) if r.get("params") else {}
+        fingerprint = ""
+        if r.get("log"):
+            try:
+                with open(os.path.join(results_dir, os.path.dirname(r["log"]), "train.py")) as f:
+                    fingerprint = history.code_fingerprint(f.read(), list(params))
+            except FileNotFoundError:
+                pass
+        r["config"] = history.config_id(params, fingerprint)
+        values = seen.setdefault(r["config"], [])
+        if r["status"] in history.FINISHED:
+            values.append(float(r["val_bpb"]))
+        r["runs"] = str(len(values))
+        r["mean_bpb"] = f"{sum(values) / len(values):.6f}" if values and r["status"] != "crash" \
+            else "0.000000"
+        r["worker"] = ""
 
 
 def next_trial(rows):

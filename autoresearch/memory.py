@@ -1,34 +1,27 @@
 """Crash awareness: learn from out-of-memory failures which configurations will not fit, and
 shrink the micro-batch of a candidate before it runs instead of after it crashes.
 
-Two sources of evidence, both in results.tsv: rows that crashed with `oom`, and rows whose
-description says an OOM retry halved DEVICE_BATCH_SIZE (the larger size failed). A candidate is
+Two sources of evidence, both in results.tsv: runs that crashed with `oom`, and runs whose OOM
+retry halved DEVICE_BATCH_SIZE (the larger size failed). A candidate is
 predicted to run out of memory when it is at least as large as a failed configuration in every
 size constant they share (micro-batch, depth, width, head size): memory grows with each of them,
 so such a candidate cannot fit where the smaller one did not.
 """
-import json
-import re
-
-from autoresearch.edits import is_code_edit
-
 SIZE_CONSTANTS = ("DEVICE_BATCH_SIZE", "DEPTH", "ASPECT_RATIO", "HEAD_DIM")
-_RETRY = re.compile(r"oom retry: DEVICE_BATCH_SIZE (\d+)->(\d+)")
 
 
-def oom_observations(rows):
-    """Size constants of every configuration known to have run out of memory."""
+def oom_observations(runs):
+    """Size constants of every configuration known to have run out of memory (history.Run
+    records)."""
     seen = []
-    for r in rows:
-        if not r.get("params") or is_code_edit(r):  # other code, other memory: no lesson here
+    for r in runs:
+        if not r.params or r.kind == "code":  # other code, other memory: no lesson here
             continue
-        params = json.loads(r["params"])
-        sizes = {k: params[k] for k in SIZE_CONSTANTS if isinstance(params.get(k), (int, float))}
-        if r["status"] == "crash" and r["error"] == "oom":
+        sizes = {k: r.params[k] for k in SIZE_CONSTANTS if isinstance(r.params.get(k), (int, float))}
+        if r.status == "crash" and r.error == "oom":
             seen.append(sizes)
-        m = _RETRY.search(r.get("description", ""))
-        if m:  # it ran at the final size; twice that failed
-            seen.append(sizes | {"DEVICE_BATCH_SIZE": 2 * int(m.group(2))})
+        if r.oom_retry:  # it ran at the final size; twice that failed
+            seen.append(sizes | {"DEVICE_BATCH_SIZE": 2 * r.oom_retry[1]})
     return [s for s in seen if s]
 
 

@@ -1,29 +1,35 @@
 """Reading results.tsv the next morning: a summary and the progress plot.
 
 `python loop.py report` prints format_summary(summarize(df)) and writes progress.png; the
-notebook calls the same functions.
+notebook calls the same functions. Every figure says how many runs stand behind it: the
+incumbent and the baseline as means +- their standard errors, the gain between them with a 95%
+interval from the pooled noise floor.
 """
 import json
+import math
 import os
 
 import pandas as pd
+from scipy import stats
 
-from autoresearch.judge import noise_floor
-from autoresearch.ledger import COLUMNS
+from autoresearch import history
+from autoresearch.ledger import COLUMNS, Ledger, LedgerError
 
 _FLOATS = ["val_bpb", "memory_gb", "training_seconds", "total_seconds", "mfu_percent",
-           "total_tokens_M", "num_params_M"]
-_INTS = ["trial", "num_steps"]
+           "total_tokens_M", "num_params_M", "mean_bpb"]
+_INTS = ["trial", "num_steps", "runs"]
 
 
 def load_results(path):
-    """results.tsv as a DataFrame with numeric columns numeric and text columns never NaN."""
+    """results.tsv as a DataFrame with numeric columns numeric and text columns never NaN.
+    Files from before the config/runs/mean_bpb/worker columns load with them filled in."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no results file {path}: run `python loop.py` first")
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path} is not a results.tsv: missing column(s) {', '.join(missing)}")
+    try:
+        rows = Ledger(path).rows()
+    except LedgerError:
+        raise ValueError(f"{path} is not a results.tsv: it lacks the results columns") from None
+    df = pd.DataFrame(rows, columns=COLUMNS).fillna("")
     for c in _FLOATS:
         df[c] = pd.to_numeric(df[c], errors="coerce").fillna(0.0).astype(float)
     for c in _INTS:
@@ -31,86 +37,173 @@ def load_results(path):
     return df
 
 
-def with_gains(df):
-    """Rows in trial order with `best_before` (the best kept val_bpb before the row) and `gain`
-    (how much a keep lowered it)."""
-    df = df.sort_values("trial").copy()
-    best, before = None, []
-    for status, v in zip(df.status, df.val_bpb):
-        before.append(best)
-        if status == "keep" and (best is None or v < best):
-            best = v
-    df["best_before"] = [float("nan") if b is None else b for b in before]
-    df["gain"] = (df.best_before - df.val_bpb).where(df.status == "keep", 0.0).fillna(0.0)
-    return df
+def _runs(df):
+    return history.runs_of(df.to_dict("records"))
+
+
+def _estimate(config):
+    """mean, standard error (None from one run) and run count of a config."""
+    if config is None or not config.n:
+        return None
+    se = config.std / math.sqrt(config.n) if config.std is not None else None
+    return {"id": config.id, "mean": config.mean, "se": se, "runs": config.n}
+
+
+def gain_interval(base, inc, noise, level=0.95):
+    """(gain, half-width) of baseline mean - incumbent mean, from the pooled noise floor."""
+    if base is None or inc is None or noise is None:
+        return None
+    se = noise.std * math.sqrt(1 / base.n + 1 / inc.n)
+    half = float(stats.t.ppf(0.5 + level / 2, noise.dof)) * se
+    return base.mean - inc.mean, half
 
 
 def summarize(df, top=5):
-    df = with_gains(df)
-    is_base = df.description == "baseline"
-    trials = df[~is_base]
-    keeps = df[df.status == "keep"]
-    baseline = float(df[is_base].val_bpb.iloc[0]) if is_base.any() and \
-        df[is_base].status.iloc[0] == "keep" else None
-    best = float(keeps.val_bpb.min()) if len(keeps) else None
-    improvement = baseline - best if baseline is not None and best is not None else None
-    hits = trials[trials.status == "keep"].sort_values("gain", ascending=False).head(top)
+    runs = _runs(df)
+    configs = history.configs_of(runs)
+    inc = history.incumbent_of(runs, configs)
+    noise = history.noise_floor(configs)
+    first_base = min((r for r in runs if r.kind == "baseline"), key=lambda r: r.trial, default=None)
+    base = configs[first_base.config] if first_base else None
+    challengers = [c for c in configs.values() if base is None or c.id != base.id]
+    decided = [c for c in challengers if c.status in ("keep", "discard")]
+    gain = gain_interval(base, inc, noise) if base is not None and inc is not None \
+        and base.id != inc.id else None
+    finished = [r for r in runs if r.finished]
+    lowest = min(finished, key=lambda r: r.value) if finished else None
     return {
-        "trials": len(trials), "keeps": int((trials.status == "keep").sum()),
-        "discards": int((trials.status == "discard").sum()),
-        "crashes": int((df.status == "crash").sum()),
-        "keep_rate": float((trials.status == "keep").mean()) if len(trials) else 0.0,
-        "baseline": baseline, "best": best, "improvement": improvement,
-        "improvement_percent": 100 * improvement / baseline if improvement is not None else None,
-        "crash_reasons": df[df.status == "crash"].error.value_counts().to_dict(),
-        "noise": noise_floor(df.to_dict("records")),
-        "top_hits": [{"trial": int(r.trial), "val_bpb": float(r.val_bpb), "gain": float(r.gain),
-                      "description": r.description, "changes": json.loads(r.changes or "{}")}
-                     for r in hits.itertuples()],
+        "runs": len(runs), "configs": len(challengers),
+        "keeps": sum(c.status == "keep" for c in challengers),
+        "discards": sum(c.status == "discard" for c in challengers),
+        "racing": sum(c.status == "retest" for c in challengers),
+        "crashes": sum(r.status == "crash" for r in runs),
+        "keep_rate": (sum(c.status == "keep" for c in decided) / len(decided)) if decided else 0.0,
+        "noise": noise, "baseline": _estimate(base), "incumbent": _estimate(inc),
+        "gain": gain,
+        "lowest_run": {"trial": lowest.trial, "val_bpb": lowest.value} if lowest else None,
+        "crash_reasons": pd.Series([r.error for r in runs if r.status == "crash"],
+                                   dtype=str).value_counts().to_dict(),
+        "top_hits": _hits(runs, configs)[:top],
+        "recheck": recheck_of(runs, configs),
+        "strategies": pd.Series([r.strategy for r in runs], dtype=str).value_counts().to_dict(),
     }
 
 
+def _hits(runs, configs):
+    """Each config that became the incumbent, with how much lower its mean is than the mean of
+    the incumbent it replaced (both over all their runs so far), largest first."""
+    hits, current = [], None
+    for r in sorted(runs, key=lambda r: r.trial):
+        if r.status != "keep" or r.config == current:
+            continue
+        if current is not None:
+            old, new = configs[current], configs[r.config]
+            hits.append({"trial": r.trial, "config": new.id, "mean": new.mean, "runs": new.n,
+                         "gain": old.mean - new.mean, "over_runs": old.n,
+                         "description": new.description,
+                         "changes": json.loads(r.row.get("changes") or "{}")})
+        current = r.config
+    return sorted(hits, key=lambda h: -h["gain"])
+
+
+def recheck_of(runs, configs):
+    """The recorded gain against what `loop.py recheck` measured again, or None."""
+    checks = [r for r in runs if r.kind == "recheck" and r.finished]
+    ids = sorted({r.config for r in checks}, key=lambda c: configs[c].first_trial)
+    if len(ids) != 2:
+        return None
+    base_id, inc_id = ids  # the baseline ran first of the two
+    before = {c: [r.value for r in runs if r.config == c and r.finished and r.kind != "recheck"]
+              for c in ids}
+    again = {c: [r.value for r in checks if r.config == c] for c in ids}
+    if not all(before.values()):
+        return None
+    recorded = _mean(before[base_id]) - _mean(before[inc_id])
+    rechecked = _mean(again[base_id]) - _mean(again[inc_id])
+    return {"recorded_gain": recorded, "recorded_runs": {c: len(v) for c, v in before.items()},
+            "rechecked_gain": rechecked, "rechecked_runs": {c: len(v) for c, v in again.items()},
+            "retained": rechecked / recorded if recorded else None,
+            "baseline": base_id, "incumbent": inc_id}
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def _pm(est):
+    if est is None:
+        return "none"
+    se = f" +- {est['se']:.6f}" if est["se"] is not None else ""
+    return f"{est['mean']:.6f}{se} (mean of {est['runs']} run{'s' if est['runs'] > 1 else ''}, config {est['id']})"
+
+
+def format_recheck(r):
+    if r is None:
+        return "recheck: none yet (python loop.py recheck)"
+    runs = r["rechecked_runs"]
+    text = (f"recheck: recorded gain {r['recorded_gain']:.6f} (baseline over "
+            f"{r['recorded_runs'][r['baseline']]} runs, incumbent over "
+            f"{r['recorded_runs'][r['incumbent']]}); measured again {r['rechecked_gain']:.6f} "
+            f"(fresh SEEDs, {runs[r['baseline']]} + {runs[r['incumbent']]} runs)")
+    if r["retained"] is not None:
+        text += f": {100 * r['retained']:.0f}% of the recorded gain survives"
+    return text
+
+
 def format_summary(s):
-    lines = [f"trials: {s['trials']} after the baseline | keeps {s['keeps']} | discards "
-             f"{s['discards']} | crashes {s['crashes']} | keep rate {100 * s['keep_rate']:.0f}%"]
+    lines = [f"runs: {s['runs']} | configs tried after the baseline: {s['configs']} | kept "
+             f"{s['keeps']} | discarded {s['discards']} | racing {s['racing']} | crashed runs "
+             f"{s['crashes']} | keep rate {100 * s['keep_rate']:.0f}%"]
     if s["crash_reasons"]:
         lines.append("crashes: " + ", ".join(f"{k or '?'} x{v}" for k, v in s["crash_reasons"].items()))
-    lines.append(f"baseline: {s['baseline']:.6f}" if s["baseline"] is not None else "baseline: none")
-    if s["best"] is not None:
-        lines.append(f"best:     {s['best']:.6f}")
-    if s["improvement"] is not None:
-        lines.append(f"improvement: {s['improvement']:.6f} ({s['improvement_percent']:.2f}%)")
-    if s["noise"]:
-        lines.append(f"noise: val_bpb std {s['noise']['std']:.6f} over {s['noise']['runs']} runs "
-                     f"of {s['noise']['configs']} repeated configuration(s)")
+    noise = s["noise"]
+    lines.append(f"noise floor: val_bpb std {noise.std:.6f} (pooled over {noise.runs} runs of "
+                 f"{noise.configs} repeated config(s), {noise.dof} degrees of freedom)"
+                 if noise else "noise floor: unknown (no config has run twice)")
+    lines.append(f"baseline:  {_pm(s['baseline'])}")
+    lines.append(f"incumbent: {_pm(s['incumbent'])}")
+    if s["gain"] is not None:
+        gain, half = s["gain"]
+        percent = 100 * gain / s["baseline"]["mean"]
+        lines.append(f"confirmed gain: {gain:.6f} +- {half:.6f} (95% interval; {percent:.2f}% "
+                     f"of the baseline)")
+    if s["lowest_run"]:
+        lines.append(f"lowest single run: {s['lowest_run']['val_bpb']:.6f} (trial "
+                     f"{s['lowest_run']['trial']}; one run, luck included)")
     if s["top_hits"]:
-        lines.append("top hits by gain:")
-        lines += [f"  #{h['trial']:<4} {h['val_bpb']:.6f}  -{h['gain']:.6f}  {h['description']}"
-                  for h in s["top_hits"]]
+        lines.append("kept configs by gain over the incumbent they replaced (means):")
+        lines += [f"  #{h['trial']:<4} {h['mean']:.6f} over {h['runs']} run(s)  -{h['gain']:.6f}  "
+                  f"{h['description']}" for h in s["top_hits"]]
+    if s["recheck"] is not None:
+        lines.append(format_recheck(s["recheck"]))
     return "\n".join(lines)
 
 
 def plot_progress(df, path):
-    """Discards grey, keeps green with short labels, the running best as a step line, crashes
-    as red marks along the bottom. Drawn without pyplot, so a notebook's backend is untouched."""
+    """Every run as a dot (grey: discarded or racing, green: runs of kept configs, red marks
+    along the bottom: crashes) and the incumbent's mean as a step line. Drawn without pyplot,
+    so a notebook's backend is untouched."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    df = with_gains(df)
+    df = df.sort_values("trial")
     fig = Figure(figsize=(11, 5.5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ok = df[df.status != "crash"]
-    disc, keep, crash = ok[ok.status == "discard"], ok[ok.status == "keep"], df[df.status == "crash"]
-    ax.scatter(disc.trial, disc.val_bpb, s=18, color="#b0b0b0", label="discard", zorder=2)
-    ax.scatter(keep.trial, keep.val_bpb, s=36, color="#2ca02c", label="keep", zorder=3)
+    other, keep, crash = ok[ok.status != "keep"], ok[ok.status == "keep"], df[df.status == "crash"]
+    ax.scatter(other.trial, other.val_bpb, s=16, color="#b0b0b0", label="run (discarded or racing)",
+               zorder=2)
+    ax.scatter(keep.trial, keep.val_bpb, s=22, color="#2ca02c", alpha=0.8,
+               label="run of the incumbent", zorder=3)
     if len(keep):
-        running = keep.val_bpb.cummin()
+        means = keep.mean_bpb.where(keep.mean_bpb > 0, keep.val_bpb)
         last = df.trial.max()
-        ax.step(list(keep.trial) + [last], list(running) + [running.iloc[-1]], where="post",
-                color="#2ca02c", linewidth=1.2, alpha=0.8, label="best so far")
-        for r in keep.itertuples():
-            ax.annotate(r.description[:30], (r.trial, r.val_bpb), xytext=(4, 6),
+        ax.step(list(keep.trial) + [last], list(means) + [means.iloc[-1]], where="post",
+                color="#1b5e20", linewidth=1.4, label="incumbent (mean of its runs)")
+        changed = keep[keep.config != keep.config.shift()]
+        for r in changed.itertuples():
+            ax.annotate(r.description[:30], (r.trial, r.mean_bpb or r.val_bpb), xytext=(4, 6),
                         textcoords="offset points", fontsize=7, rotation=20, color="#1b5e20")
     if len(ok):
         lo, hi = ok.val_bpb.min(), ok.val_bpb.max()
@@ -119,10 +212,10 @@ def plot_progress(df, path):
     if len(crash):
         ax.scatter(crash.trial, [0.02] * len(crash), marker="x", color="#d62728", s=30,
                    transform=ax.get_xaxis_transform(), label="crash", zorder=3, clip_on=False)
-    trials = df[df.description != "baseline"]
-    ax.set_title(f"autoresearch: {len(trials)} trials after the baseline, "
-                 f"{int((trials.status == 'keep').sum())} kept, {len(crash)} crashed")
-    ax.set_xlabel("trial")
+    kept = keep.config[keep.config != keep.config.shift()]
+    ax.set_title(f"autoresearch: {len(df)} runs, {max(len(kept) - 1, 0)} kept change(s), "
+                 f"{len(crash)} crashed")
+    ax.set_xlabel("trial (run)")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(alpha=0.3)
     if len(df):

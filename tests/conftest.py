@@ -182,9 +182,13 @@ def fake_llm_work(tmp_path, smoke_data, monkeypatch):
     (tmp_path / "search_space.yaml").write_text(FAKE_SPACE)
     fake = FakeLLM()
 
-    def start(strategy="llm", baseline=True, **llm):
-        driver = Driver(Settings(strategy=strategy, grace=30, llm=dict(
-            base_url=fake.url, model="fake", **llm)), log=lambda *a: None)
+    def start(strategy="llm", baseline=True, judge="threshold", **llm):
+        """judge threshold (the default here) with one baseline run keeps these tests about
+        the proposer: every step after the baseline asks it for a new candidate."""
+        driver = Driver(Settings(strategy=strategy, grace=30, judge=judge,
+                                 baseline_runs=1 if judge == "threshold" else 3,
+                                 llm=dict(base_url=fake.url, model="fake", **llm)),
+                        log=lambda *a: None)
         if baseline:
             driver.step(0)  # DEPTH 2, MATRIX_LR 0.04, DEVICE_BATCH_SIZE 16
         return driver, fake, tmp_path

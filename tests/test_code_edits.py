@@ -103,7 +103,7 @@ def test_kept_edits_accumulate_in_train_py(code_work):
     prompt = request["messages"][1]["content"]
     assert "0.001 * DEPTH" in prompt and "a smaller depth penalty" in prompt  # the best file and history
     df = pd.read_csv(work / "results.tsv", sep="\t")
-    assert df.strategy.tolist() == ["baseline", "llm", "llm"]
+    assert df.strategy.tolist() == ["baseline", "llm-code", "llm-code"]
 
 
 def test_unusable_edits_get_a_repair_round_then_fall_back(code_work):
@@ -144,7 +144,7 @@ def test_an_edit_that_runs_out_of_memory_teaches_nothing_about_sizes(code_work):
     assert "oom retry: DEVICE_BATCH_SIZE 16->4" in row["description"]
     assert row["params"]["DEVICE_BATCH_SIZE"] == 4 and row["status"] == "discard"
     assert 'BEHAVIOUR = "oom_above_4"' in open(work / "runs" / "0001" / "train.py").read()
-    assert oom_observations(driver.rows) == []  # the base code at 16 is not predicted to fail
+    assert oom_observations(driver.runs) == []  # the base code at 16 is not predicted to fail
 
 
 def test_code_mode_on_the_real_train_py(tmp_path, smoke_data, monkeypatch):
@@ -158,13 +158,15 @@ def test_code_mode_on_the_real_train_py(tmp_path, smoke_data, monkeypatch):
     fake = FakeLLM()
     fake.script = [edit("softcap=15.0", "softcap=30.0", "a softer logit cap")]
     try:
-        proc = loop_cli(["--trials", "1", "--budget", "2", "--strategy", "llm", "--llm-scope",
-                         "code", "--llm-base-url", fake.url, "--llm-model", "fake"], tmp_path)
+        proc = loop_cli(["--trials", "2", "--baseline-runs", "1", "--budget", "2", "--strategy",
+                         "llm", "--llm-scope", "code", "--llm-base-url", fake.url, "--llm-model",
+                         "fake"], tmp_path)
     finally:
         fake.close()
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_csv(tmp_path / "results.tsv", sep="\t")
-    assert df.status.tolist()[0] == "keep" and df.status[1] in ("keep", "discard")
+    assert df.status.tolist()[0] == "keep" and df.status[1] in ("keep", "discard", "retest")
+    assert df.strategy[1] == "llm-code" and df.config[0] != df.config[1]
     assert df.description[1].startswith("llm code: a softer logit cap (+1 -1 lines)")
     assert "softcap=30.0" in open(tmp_path / "runs" / "0001" / "train.py").read()
     assert "\n---\nval_bpb:" in open(tmp_path / df.log[1]).read()

@@ -7,7 +7,9 @@ import time
 import pandas as pd
 import pytest
 
-from autoresearch.llm import LLMProposer, extract_json
+from autoresearch import history
+from autoresearch.proposers import Context
+from autoresearch.proposers.llm import LLMProposer, extract_json
 from autoresearch.space import parse_space
 from conftest import SECRET
 
@@ -131,13 +133,26 @@ def test_centaur_shares_cma_state_with_the_llm_and_tells_cma_everything(fake_llm
     assert told >= 8 - 1 and proposer.cma.generation >= 1
 
 
-def test_the_prompt_states_the_noise_once_known():
+def test_the_prompt_shows_means_run_counts_and_the_noise():
     space = parse_space({"params": {"LR": {"low": 0.01, "high": 0.1, "log": True}}}, "cpu",
                         {"LR": 0.04, "SEED": 1})
     proposer = LLMProposer(space, client=object())  # prompts only: nothing is sent
 
-    def row(val, seed, lr=0.04):
-        return {"status": "discard", "val_bpb": f"{val:.6f}", "description": "",
-                "params": json.dumps({"LR": lr, "SEED": seed})}
-    assert "Noise:" not in proposer.prompt({"LR": 0.04}, [row(1.00, 1), row(1.02, 2, lr=0.05)])
-    assert "about 0.014142 val_bpb" in proposer.prompt({"LR": 0.04}, [row(1.00, 1), row(1.02, 2)])
+    def row(trial, val, seed, lr=0.04, status="discard"):
+        return {"trial": trial, "status": status, "val_bpb": f"{val:.6f}", "description": "",
+                "seed": seed, "params": json.dumps({"LR": lr})}
+
+    def prompt(rows):
+        configs = history.configs_of(history.runs_of(rows))
+        inc = history.incumbent_of(history.runs_of(rows), configs)
+        return proposer.prompt(Context(best={"LR": 0.04}, best_value=inc.mean, best_runs=inc.n,
+                                       configs=configs, noise=history.noise_floor(configs),
+                                       source="", defaults={}, check=lambda *a: None))
+    once = prompt([row(0, 1.00, 1, status="keep"), row(1, 1.02, 1, lr=0.05)])
+    assert "Noise:" not in once and "1.000000 over 1 run  incumbent" in once
+    assert "1.020000 over 1 run  discard" in once
+    twice = prompt([row(0, 1.00, 1, status="keep"), row(1, 1.02, 2, status="keep"),
+                    row(2, 0.99, 1, lr=0.05, status="retest")])
+    assert "about 0.014142 val_bpb" in twice and "mean of 2 runs" in twice
+    assert "1.010000 +-0.0141 over 2 runs  incumbent" in twice
+    assert "0.990000 over 1 run  racing" in twice

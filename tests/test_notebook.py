@@ -51,15 +51,22 @@ def test_notebook_runs_end_to_end_and_resumes(repo_copy):
     nb = execute(repo_copy / "autoresearch.ipynb", repo_copy, PROFILE="smoke", TRIALS=2, BUDGET=2)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                      for o in c.outputs)
-    assert "profile: smoke" in text and "val_bpb:" in text and "best:" in text
+    assert "profile: smoke" in text and "val_bpb:" in text and "incumbent:" in text
+    assert "baseline: mean val_bpb" in text and "noise floor" in text
     df = pd.read_csv(repo_copy / "results.tsv", sep="\t")
-    assert df.trial.tolist() == [0, 1, 2] and df.description[0] == "baseline"
+    assert df.trial.tolist() == [0, 1, 2, 3, 4] and df.description[0] == "baseline"
+    assert (df.strategy[:3] == "baseline").all() and df.runs[2] == 3
     assert (df.status != "crash").all()
     assert (repo_copy / "progress.png").read_bytes()[:4] == b"\x89PNG"
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
     assert images  # the plot is shown inline
 
-    execute(repo_copy / "autoresearch.ipynb", repo_copy, PROFILE="smoke", TRIALS=1, BUDGET=2)
+    nb = execute(repo_copy / "autoresearch.ipynb", repo_copy, PROFILE="smoke", TRIALS=1, BUDGET=2,
+                 RECHECK=1)
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                     for o in c.outputs)
+    assert "baseline already in" in text and "recheck:" in text
     df = pd.read_csv(repo_copy / "results.tsv", sep="\t")
-    assert df.trial.tolist() == [0, 1, 2, 3] and (df.description == "baseline").sum() == 1
+    assert df.trial.tolist()[:6] == [0, 1, 2, 3, 4, 5] and (df.description == "baseline").sum() == 1
+    assert len(df) in (6, 8)  # the recheck runs baseline and best once each, if they differ

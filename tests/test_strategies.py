@@ -1,5 +1,4 @@
 """Model-based strategies (Optuna TPE and CMA-ES) on a cheap objective, and on resume."""
-import json
 import math
 import shutil
 
@@ -7,7 +6,8 @@ import pandas as pd
 import pytest
 
 from autoresearch.driver import Driver, Settings
-from autoresearch.proposers import make_proposer
+from autoresearch.history import Config
+from autoresearch.proposers import Context, make_proposer
 from autoresearch.space import parse_space
 from test_loop import FAKE, FAKE_SPACE, SEARCHED, searched, set_fake  # noqa: F401
 
@@ -27,17 +27,30 @@ def objective(p):
             + 0.3 * (p["PATTERN"] != "SSL") + 0.1 * (p["BATCH"] != 32))
 
 
+def context(best):
+    return Context(best=best, best_value=None, best_runs=0, configs={}, noise=None, source="",
+                   defaults={}, check=lambda params, source=None: None)
+
+
+def decided(params, value, status="discard"):
+    c = Config("x", params, "params", "test", "", 0, status=status)
+    if value is not None:
+        c.values.append(value)
+    return c
+
+
 def search(name, n=60, seed=0):
     proposer = make_proposer(name, SPACE, seed)
     best_params = {k: CONSTANTS[k] for k in SPACE.params}
     best = math.inf
+    proposer.warm_start(context(best_params))
     for _ in range(n):
-        cand = proposer.propose(best_params, [])
+        cand = proposer.propose(context(best_params))
         if SPACE.violations(CONSTANTS | cand.params):
             proposer.reject(cand)
             continue
         value = objective(cand.params)
-        proposer.tell(cand, {"status": "discard", "val_bpb": f"{value:.6f}"})
+        proposer.tell(cand, decided(cand.params, value))
         if value < best:
             best, best_params = value, cand.params
     return best
@@ -54,32 +67,37 @@ def test_model_based_strategies_beat_random_search():
 def test_crashes_and_constraint_breakers_are_failed_trials():
     proposer = make_proposer("tpe", SPACE, 0)
     base = {k: CONSTANTS[k] for k in SPACE.params}
-    cand = proposer.propose(base, [])
-    proposer.tell(cand, {"status": "crash", "val_bpb": "0.000000"})
-    proposer.reject(proposer.propose(base, []))
+    cand = proposer.propose(context(base))
+    proposer.tell(cand, decided(cand.params, None, "crash"))
+    proposer.reject(proposer.propose(context(base)))
     states = [t.state.name for t in proposer.study.trials]
     assert states == ["FAIL", "FAIL"]
 
 
 @pytest.mark.parametrize("strategy", ["tpe", "cmaes"])
-def test_resume_feeds_the_history_to_the_study(strategy, tmp_path, smoke_data, monkeypatch):
+def test_resume_feeds_config_means_to_the_study(strategy, tmp_path, smoke_data, monkeypatch):
+    """What the study learns is each config's mean over its runs, told once its race is
+    decided; on resume the decided configs are added, and the runs go on without repeats."""
     monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
     monkeypatch.chdir(tmp_path)
     shutil.copy(FAKE, tmp_path / "train.py")
     (tmp_path / "search_space.yaml").write_text(FAKE_SPACE)
+    set_fake("train.py", NOISE=0.01)
     first = Driver(Settings(strategy=strategy, grace=30), log=lambda *a: None)
-    for trial in range(5):
+    for trial in range(8):
         first.step(trial)
-    rows = first.rows
+    decided_before = {c.id: c for c in first.configs.values() if c.status in ("keep", "discard")}
     second = Driver(Settings(strategy=strategy, seed=1, grace=30), log=lambda *a: None)
-    for trial in range(5, 9):
+    for trial in range(8, 14):
         second.step(trial)
     study = second.proposer.study
-    told = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(told) >= len(rows) + 4 - 1  # the five old rows (within the space) and the new ones
-    old_values = sorted(float(r["val_bpb"]) for r in rows if r["status"] != "crash")
-    assert sorted(t.value for t in told[:len(old_values)]) == pytest.approx(old_values)
+    told = sorted(t.value for t in study.trials if t.state.name == "COMPLETE")
+    for c in decided_before.values():  # the means, not single runs
+        assert any(abs(v - c.mean) < 1e-9 for v in told), (c.mean, told)
+    baseline = next(c for c in decided_before.values() if c.kind == "baseline")
+    assert baseline.n >= 3 and not any(abs(v - x) < 1e-9 for v in told for x in baseline.values)
     df = pd.read_csv("results.tsv", sep="\t")
-    assert len(df) == 9 and df.trial.tolist() == list(range(9))
-    assert len({json.dumps(json.loads(p), sort_keys=True) for p in df.params}) == 9  # no re-runs
-    assert set(df.strategy[1:]) == {strategy}
+    assert len(df) == 14 and df.trial.tolist() == list(range(14))
+    for config, group in df.groupby("config"):
+        assert group.params.nunique() == 1 and group.seed.is_unique  # re-runs, never repeats
+    assert strategy in set(df.strategy[3:]) <= {strategy, "baseline"}  # (incumbent re-runs)

@@ -14,7 +14,8 @@ import math
 
 import numpy as np
 
-from autoresearch.proposers import Candidate, Proposer, describe_changes
+from autoresearch.proposers.base import Candidate, Proposer, changes_from, describe_changes
+from autoresearch.proposers.llm import LLMProposer
 
 
 class Box:
@@ -59,7 +60,6 @@ class CentaurProposer(Proposer):
 
     def __init__(self, space, seed=0, llm_fraction=0.3, sigma=0.2, **llm_options):
         super().__init__(space, seed)
-        from autoresearch.llm import LLMProposer
         if not 0 < llm_fraction <= 1:
             raise ValueError("llm_fraction must be in (0, 1]")
         self.every = max(1, round(1 / llm_fraction))
@@ -100,23 +100,23 @@ class CentaurProposer(Proposer):
                      "it where the history says it is wrong.")
         return "\n".join(lines)
 
-    def warm_start(self, rows):
-        self.llm.warm_start(rows)
+    def warm_start(self, ctx):
+        self.llm.warm_start(ctx)
+        self._ensure_cma(ctx.best)  # centred on the incumbent; decided configs join it as told
 
-    def propose(self, best, history):
-        self._ensure_cma(best)
+    def propose(self, ctx):
+        self._ensure_cma(ctx.best)
         self.proposals += 1
         if self.proposals % self.every == 0:
-            self.llm.check = self.check
             self.llm.context_note = self.state_text()
-            cand = self.llm.propose(best, history)
+            cand = self.llm.propose(ctx)
             cand.description = "centaur/" + cand.description
             cand.meta["by"] = "llm"
             return cand
         x = self.cma.ask()
         params = self.box.decode(x)
-        changes = {k: v for k, v in params.items() if v != best.get(k)}
-        return Candidate(params, changes, "centaur/cmaes: " + describe_changes(changes, best),
+        changes = changes_from(params, ctx.best)
+        return Candidate(params, changes, "centaur/cmaes: " + describe_changes(changes, ctx.best),
                          meta={"by": "cmaes"})
 
     def _told(self, params, value):
@@ -131,15 +131,18 @@ class CentaurProposer(Proposer):
             self.cma.tell(self.generation)
             self.generation = []
 
-    def tell(self, candidate, row):
-        self.llm.tell(candidate, row)
-        if candidate.meta.get("by") == "llm" and not candidate.meta.get("fallback"):
+    def tell(self, candidate, config):
+        """Every decided config goes into CMA-ES's generation with its mean, whoever proposed
+        it (crashes as a bit worse than the worst result)."""
+        self.llm.tell(candidate, config)
+        if candidate is not None and candidate.meta.get("by") == "llm" \
+                and not candidate.meta.get("fallback"):
             self.llm_points += 1
-        self._told(candidate.params, None if row["status"] == "crash" else float(row["val_bpb"]))
+        self._told(config.params, None if config.status == "crash" else config.mean)
 
-    def reject(self, candidate, known_value=None):
+    def reject(self, candidate, known=None):
         if candidate.meta.get("by") == "cmaes":  # CMA-ES must hear about every point it sampled
-            self._told(candidate.params, known_value)
+            self._told(candidate.params, known.mean if known is not None else None)
 
 
 def _jsonable(params):

@@ -1,7 +1,8 @@
 """The LLM proposer: a chat model on any OpenAI-compatible endpoint suggests the next changes.
 
-The prompt carries the search space, the current best configuration, the history sorted by
-val_bpb (OPRO-style: the model sees what worked), and recent crashes with their reasons. The
+The prompt carries the search space, the incumbent, every configuration tried so far sorted by
+its mean val_bpb with its run count and verdict (OPRO-style: the model sees what worked, and how
+sure the loop is of it), the noise floor, and recent crashes with their reasons. The
 answer is asked for as JSON (a JSON schema where the endpoint supports structured output), parsed
 leniently (markdown fences, prose around it), and every value is checked against the space and
 the constraints. A bad answer gets one repair round; then the trial falls back to a numeric
@@ -18,8 +19,9 @@ import os
 import re
 
 from autoresearch import edits
-from autoresearch.judge import noise_floor
-from autoresearch.proposers import Candidate, GreedyProposer, Proposer, describe_changes
+from autoresearch.history import CODE_PREFIX, CODE_STRATEGY
+from autoresearch.proposers.base import Candidate, Proposer, describe_changes
+from autoresearch.proposers.simple import GreedyProposer
 
 SYSTEM = """You tune the training recipe of a small GPT language model. Each trial trains for a
 fixed time budget and reports val_bpb (validation bits per byte, lower is better). You propose
@@ -138,48 +140,53 @@ class LLMProposer(Proposer):
 
     # --- prompt ---------------------------------------------------------------------------------
 
-    def history_lines(self, rows):
-        """Finished trials best first, recent crashes, and the noise floor once repeats show it."""
-        done = [r for r in rows if r.get("status") in ("keep", "discard")]
-        done.sort(key=lambda r: float(r["val_bpb"]))
-        crashes = [r for r in rows if r.get("status") == "crash"][-8:]
+    def history_lines(self, ctx):
+        """Configurations best mean first, with their run counts and verdicts; recent crashes;
+        the noise floor once repeats show it."""
+        measured = sorted((c for c in ctx.configs.values() if c.n), key=lambda c: c.mean)
+        crashes = [c for c in ctx.configs.values() if c.status == "crash"][-8:]
         code = self.scope == "code"  # then what changed is in the description, not the params
-        parts = [f"Trials so far, best first ({len(done)} finished, showing "
-                 f"{min(len(done), self.history)}):"]
-        for r in done[:self.history]:
-            what = r["description"] if code else r["params"]
-            parts.append(f"  val_bpb {float(r['val_bpb']):.6f}  {r['status']:<7}  {what}")
+        incumbent_params = _jsonable(ctx.best)
+        parts = [f"Configurations so far, best mean first ({len(measured)} measured, showing "
+                 f"{min(len(measured), self.history)}): mean val_bpb, runs behind it, verdict, "
+                 f"{'what changed' if code else 'configuration'}:"]
+        for c in measured[:self.history]:
+            spread = f" +-{c.std:.4f}" if c.std is not None else ""
+            verdict = {"keep": "kept", "retest": "racing"}.get(c.status, c.status)
+            if _jsonable(c.params) == incumbent_params and c.status == "keep":
+                verdict = "incumbent"
+            what = c.description if code else json.dumps(_jsonable(c.params), sort_keys=True)
+            parts.append(f"  {c.mean:.6f}{spread} over {c.n} run{'s' if c.n > 1 else ''}  "
+                         f"{verdict:<9}  {what}")
         if crashes:
             parts += ["", "Recent crashes (avoid what caused them):"]
-            parts += [f"  {r['error']}: {r['description'] if code else r['params']}" for r in crashes]
-        noise = noise_floor(rows)
-        if noise:
+            parts += [f"  {(c.errors or ['?'])[-1]}: "
+                      f"{c.description if code else json.dumps(_jsonable(c.params), sort_keys=True)}"
+                      for c in crashes]
+        if ctx.noise:
             parts += ["", f"Noise: the same configuration run again varies by about "
-                          f"{noise['std']:.6f} val_bpb (standard deviation over {noise['runs']} "
-                          f"repeated runs); differences smaller than that may be luck."]
+                          f"{ctx.noise.std:.6f} val_bpb (standard deviation over "
+                          f"{ctx.noise.runs} repeated runs); differences smaller than that may be "
+                          f"luck. Promising configurations are re-run before they are kept."]
         return parts
 
-    def prompt(self, best, rows):
-        best_val = _best_value(rows)
+    def prompt(self, ctx):
         parts = [
             "Search space (constant: allowed values):", describe_space(self.space), "",
-            f"Best configuration so far (val_bpb {best_val:.6f}):" if best_val else
-            "Best configuration so far (not measured yet):",
-            json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in best.items()}),
-            "", *self.history_lines(rows)]
+            _best_line("Best configuration so far", ctx), json.dumps(_jsonable(ctx.best)),
+            "", *self.history_lines(ctx)]
         if self.context_note:
             parts += ["", self.context_note]
         parts += ["", "Propose the next trial: change 1 to 4 constants of the best configuration."]
         return "\n".join(parts)
 
-    def prompt_code(self, best, rows, source):
-        best_val = _best_value(rows)
+    def prompt_code(self, ctx):
         parts = [
             "Search space of the constants block (constant: allowed values):",
             describe_space(self.space), "",
-            f"The current best train.py (val_bpb {best_val:.6f}):" if best_val else
+            _best_line("The current best train.py", ctx) if ctx.best_value is not None else
             "The current train.py (not measured yet):",
-            "```python", source.rstrip("\n"), "```", "", *self.history_lines(rows), "",
+            "```python", ctx.source.rstrip("\n"), "```", "", *self.history_lines(ctx), "",
             "Propose the next trial: one focused change to train.py, as search/replace edits."]
         return "\n".join(parts)
 
@@ -207,66 +214,66 @@ class LLMProposer(Proposer):
 
     # --- proposing ------------------------------------------------------------------------------
 
-    def parse(self, text, best):
+    def parse(self, text, ctx):
         """(params, real changes, rationale, None) from a constants answer."""
         obj = extract_json(text)
         changes = obj.get("changes", obj if "rationale" not in obj else None)
         if not isinstance(changes, dict) or not changes:
             raise LLMError('expected {"changes": {...}, "rationale": "..."} with at least one change')
         clean = {name: coerce(self.space, name, v) for name, v in changes.items()}
-        params = dict(best) | clean
-        real = {k: v for k, v in clean.items() if best.get(k) != v}
+        params = dict(ctx.best) | clean
+        real = {k: v for k, v in clean.items() if ctx.best.get(k) != v}
         if not real:
             raise LLMError("the changes leave the configuration as it is")
-        reason = self.check(params) if self.check else None
+        reason = ctx.check(params)
         if reason:
             raise LLMError(reason)
         return params, real, _rationale(obj), None
 
-    def parse_code(self, text, best, base):
+    def parse_code(self, text, ctx):
         """(params, constants changed, rationale, edited source) from an edits answer."""
         obj = extract_json(text)
+        base = ctx.source
         try:
             source = edits.apply_edits(base, obj.get("edits"))
             if source == base:
                 raise edits.EditError("the edits leave train.py as it is")
-            params = edits.check_edited(source, base, self.space, self.defaults)
+            params = edits.check_edited(source, base, self.space, ctx.defaults)
         except edits.EditError as e:
             raise LLMError(str(e)) from None
-        reason = self.check(params, source) if self.check else None
+        reason = ctx.check(params, source)
         if reason:
             raise LLMError(reason)
-        changes = {k: v for k, v in params.items() if best.get(k) != v}
+        changes = {k: v for k, v in params.items() if ctx.best.get(k) != v}
         return params, changes, _rationale(obj), source
 
-    def propose(self, best, history):
+    def propose(self, ctx):
         import openai
         if self.gave_up:  # this trial fell back already: do not spend more calls on it
-            return self._fallback(best, history, self.gave_up)
+            return self._fallback(ctx, self.gave_up)
         if self.scope == "code":
-            base = self.read_source()
             messages = [{"role": "system", "content": SYSTEM_CODE},
-                        {"role": "user", "content": self.prompt_code(best, history, base)}]
-            schema, parse = SCHEMA_CODE, lambda text: self.parse_code(text, best, base)
+                        {"role": "user", "content": self.prompt_code(ctx)}]
+            schema, parse = SCHEMA_CODE, self.parse_code
         else:
             messages = [{"role": "system", "content": SYSTEM},
-                        {"role": "user", "content": self.prompt(best, history)}]
-            schema, parse = SCHEMA, lambda text: self.parse(text, best)
+                        {"role": "user", "content": self.prompt(ctx)}]
+            schema, parse = SCHEMA, self.parse
         tokens0, problem = self.tokens, None
         for attempt in range(2):  # the answer, then one repair round
             text = ""
             try:
                 text = self.ask(messages, schema)
-                params, changes, rationale, source = parse(text)
+                params, changes, rationale, source = parse(text, ctx)
                 used = self.tokens - tokens0
                 if source is None:
-                    desc = f"llm: {rationale or describe_changes(changes, best)} [{used} tokens]"
+                    desc = f"llm: {rationale or describe_changes(changes, ctx.best)} [{used} tokens]"
                     return Candidate(params, changes, desc, meta={"tokens": used})
-                patch, added, removed = edits.diff(base, source)
-                desc = (f"{edits.CODE_PREFIX} {rationale or 'an edit'} (+{added} -{removed} lines) "
+                patch, added, removed = edits.diff(ctx.source, source)
+                desc = (f"{CODE_PREFIX} {rationale or 'an edit'} (+{added} -{removed} lines) "
                         f"[{used} tokens]")
                 return Candidate(params, changes, desc, meta={"tokens": used, "diff": patch},
-                                 source=source)
+                                 source=source, strategy=CODE_STRATEGY)
             except LLMError as e:
                 problem = str(e)
                 if problem.startswith("budget spent"):
@@ -278,20 +285,29 @@ class LLMProposer(Proposer):
                 problem = type(e).__name__
                 break
         self.gave_up = problem
-        return self._fallback(best, history, problem)
+        return self._fallback(ctx, problem)
 
-    def tell(self, candidate, row):
+    def tell(self, candidate, config):
         self.gave_up = None
 
-    def _fallback(self, best, history, problem):
-        cand = self.fallback.propose(best, history)
+    def reject(self, candidate, known=None):
+        pass
+
+    def _fallback(self, ctx, problem):
+        cand = self.fallback.propose(ctx)
         cand.description = f"llm fallback ({problem[:80]}); greedy: {cand.description}"
         cand.meta["fallback"] = True
         return cand
 
 
-def _best_value(rows):
-    return min((float(r["val_bpb"]) for r in rows if r.get("status") == "keep"), default=None)
+def _jsonable(params):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+
+
+def _best_line(what, ctx):
+    if ctx.best_value is None:
+        return f"{what} (not measured yet):"
+    return f"{what} (val_bpb {ctx.best_value:.6f}, the mean of {ctx.best_runs} run{'s' if ctx.best_runs > 1 else ''}):"
 
 
 def _rationale(obj):
