@@ -229,8 +229,8 @@ class Driver:
         if config.kind == "code":
             return None  # edited code that is no longer on disk cannot be re-created
         current = self.current_source()
-        return patch_constants(current, {k: v for k, v in config.params.items()
-                                         if self.searched(current).get(k) != v})
+        now = self.searched(current)
+        return patch_constants(current, {k: v for k, v in config.params.items() if now.get(k) != v})
 
     def _restore_incumbent(self):
         inc = self.incumbent
@@ -243,7 +243,8 @@ class Driver:
                 _write_atomic(self.train_path, patch_constants(want, {"SEED": self.base_seed}))
                 self.log(f"restored train.py to the incumbent's code (config {inc.id})")
                 return
-        drift = {n: v for n, v in inc.params.items() if self.searched(current).get(n) != v}
+        now = self.searched(current)
+        drift = {n: v for n, v in inc.params.items() if now.get(n) != v}
         if drift:
             _write_atomic(self.train_path, patch_constants(current, drift))
             self.log(f"restored train.py to the incumbent (config {inc.id}, mean val_bpb "
@@ -320,9 +321,10 @@ class Driver:
 
     def _new_job(self):
         cand = self.propose()
+        current = self.current_source()
+        now = self.searched(current)
         base = cand.source if cand.source is not None else patch_constants(
-            self.current_source(), {k: v for k, v in cand.params.items()
-                                    if self.searched(self.current_source()).get(k) != v})
+            current, {k: v for k, v in cand.params.items() if now.get(k) != v})
         source = patch_constants(base, {"SEED": self.base_seed})
         kind = "code" if cand.source is not None else "params"
         return Job("new", kind, cand.params, cand.changes, self.config_of(cand.params, base),

@@ -13,6 +13,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from autoresearch.patch import PatchError, patch_constants
 
@@ -26,6 +27,11 @@ _OOM_RETRY = re.compile(r"oom retry: DEVICE_BATCH_SIZE (\d+)->(\d+)")
 def code_fingerprint(source, names):
     """A short hash of train.py's code with the searched constants and SEED set to None: the
     same code with other constant values has the same fingerprint."""
+    return _fingerprint(source, tuple(names))
+
+
+@lru_cache(maxsize=256)
+def _fingerprint(source, names):
     blank = {n: None for n in (*names, "SEED")}
     try:
         text = patch_constants(source, blank)

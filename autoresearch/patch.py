@@ -6,6 +6,7 @@ the result is parsed again and must read back the values written.
 """
 import ast
 import operator
+from functools import lru_cache
 
 
 class PatchError(ValueError):
@@ -48,6 +49,14 @@ def _parse(source, what="train.py"):
         raise PatchError(f"{what} does not parse: {e}") from None
 
 
+@lru_cache(maxsize=256)
+def _constants_of(source):
+    """The top-level assignments of a source text. Parsing train.py takes milliseconds and the
+    loop asks about the same few texts many times per trial, so parses are remembered (the
+    nodes are only ever read)."""
+    return _assignments(_parse(source))
+
+
 def _constant_node(assignments, name):
     nodes = assignments.get(name)
     if not nodes:
@@ -61,7 +70,7 @@ def _constant_node(assignments, name):
 def read_constants(source, names=None):
     """{name: value} for `names` (each must exist once and be a literal), or for every top-level
     literal constant in UPPER_CASE when names is None."""
-    assignments = _assignments(_parse(source))
+    assignments = _constants_of(source)
     if names is None:
         out = {}
         for name, nodes in assignments.items():
@@ -102,7 +111,7 @@ def patch_constants(source, changes):
     """train.py source with each name in `changes` set to its value."""
     if not changes:
         return source
-    assignments = _assignments(_parse(source))
+    assignments = _constants_of(source)
     edits = []
     for name, value in changes.items():
         node = _constant_node(assignments, name)
