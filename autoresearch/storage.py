@@ -164,12 +164,15 @@ class SharedStudy:
 
     # -- reserving and finishing trials ---------------------------------------------------
 
-    def reserve(self, job, *, unique=("config",), timeout=None):
+    def reserve(self, job, *, unique=("config",), timeout=None, distributions=None):
         """Create a RUNNING trial carrying `job` (a JSON-able dict) and return its number, unique
         in the study. With `unique` (job keys), return None instead when another RUNNING trial
         holds the same values of those keys, so two workers never run one config at once.
         `timeout`: seconds after which any worker may fail the trial even if its heartbeat goes
-        on (a hung trainer), and which also covers a kill between creation and first beat."""
+        on (a hung trainer), and which also covers a kill between creation and first beat.
+        `distributions` ({name: optuna distribution}): also record job["params"] as the trial's
+        Optuna params, so optuna-dashboard plots them and Optuna samplers can read the study
+        (the distributions of one name must stay compatible across the study)."""
         bad = set(job) & set(_RESERVED)
         if bad:
             raise ValueError(f"job keys reserved by the storage: {', '.join(sorted(bad))}")
@@ -181,6 +184,9 @@ class SharedStudy:
         attrs = copy.deepcopy(job) | {"reservation": token}
         if timeout is not None:
             attrs["deadline"] = time.time() + timeout
+        distributions = {k: d for k, d in (distributions or {}).items()
+                         if k in job.get("params", {})}
+        params = {k: job["params"][k] for k in distributions}
         tries = []
 
         def create():
@@ -191,9 +197,9 @@ class SharedStudy:
             tries.append(1)
             return self.storage.create_new_trial(self.study_id, template_trial=FrozenTrial(
                 number=-1, state=TrialState.RUNNING, value=None,
-                datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
-                distributions={}, user_attrs=attrs, system_attrs={}, intermediate_values={},
-                trial_id=-1))
+                datetime_start=datetime.datetime.now(), datetime_complete=None, params=params,
+                distributions=distributions, user_attrs=attrs, system_attrs={},
+                intermediate_values={}, trial_id=-1))
 
         trial_id = self._call("reserving a trial", create)
         self._call("recording a heartbeat", self.storage.record_heartbeat, trial_id)
@@ -236,8 +242,9 @@ class SharedStudy:
         with self._lock:
             if number in self._numbers:
                 return self._numbers[number]
-        return self._call("looking up a trial", self.storage.get_trial_id_from_study_id_trial_number,
-                          self.study_id, number)
+        return self._call("looking up a trial",
+                          self.storage.get_trial_id_from_study_id_trial_number, self.study_id,
+                          number)
 
     def finish(self, number, row, value):
         """Record the results row of trial `number` and close it: COMPLETE with `value`, or
@@ -269,9 +276,10 @@ class SharedStudy:
             now = datetime.datetime.now()
             new_id = self.storage.create_new_trial(self.study_id, template_trial=FrozenTrial(
                 number=-1, state=state, value=values[0] if values else None,
-                datetime_start=trial.datetime_start, datetime_complete=now, params={},
-                distributions={}, user_attrs=attrs | {"row": row, "late_for": number},
-                system_attrs={}, intermediate_values={}, trial_id=-1))
+                datetime_start=trial.datetime_start, datetime_complete=now, params=trial.params,
+                distributions=trial.distributions,
+                user_attrs=attrs | {"row": row, "late_for": number}, system_attrs={},
+                intermediate_values={}, trial_id=-1))
             return self.storage.get_trial(new_id).number
 
         try:

@@ -181,6 +181,21 @@ def test_crash_rows_never_half_written_and_not_finite_values_fail(url):
             s.reserve({"config": "y", "row": {}})
 
 
+def test_params_with_distributions_are_optuna_params(tmp_path):
+    """What optuna-dashboard plots (and an Optuna sampler reads) are the trials' params."""
+    import optuna
+    url = f"sqlite:///{tmp_path}/study.db"
+    dists = {"MATRIX_LR": optuna.distributions.FloatDistribution(0.01, 0.3, log=True),
+             "DEPTH": optuna.distributions.CategoricalDistribution([2, 4, 8])}
+    with SharedStudy(url, "s", **FAST) as s:
+        n = s.reserve({"config": "x", "params": {"MATRIX_LR": 0.04, "DEPTH": 4, "SEED": 1}},
+                      distributions=dists)
+        s.finish(n, {"trial": n, "val_bpb": 1.3, "status": "keep"}, 1.3)
+        loaded = optuna.load_study(study_name="s", storage=url)
+        assert loaded.trials[0].params == {"MATRIX_LR": 0.04, "DEPTH": 4}
+        assert loaded.best_value == 1.3
+
+
 def test_sources_are_shared_between_workers(url):
     text = "# an edited train.py\n" + "x = 1  # padding\n" * 1500  # about 25 KB
     with SharedStudy(url, "s", **FAST) as a, SharedStudy(url, "s", **FAST) as b:
