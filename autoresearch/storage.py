@@ -312,6 +312,9 @@ class SharedStudy:
         trials = self._call("reading the study", self.storage.get_all_trials, self.study_id,
                             deepcopy=False)
         replaced = {t.user_attrs["late_for"] for t in trials if "late_for" in t.user_attrs}
+        # what sync_results_tsv needs to tell a row newer than this read from a foreign one
+        self.numbers_seen = {t.number for t in trials}
+        self.numbers_running = {t.number for t in trials if not t.state.is_finished()}
         rows = []
         for t in trials:
             a = t.user_attrs
@@ -459,20 +462,21 @@ def _format(name, value):
     return ledger._field(name, value)
 
 
-def _trials_in(path):
-    """The trial numbers a results file holds, whatever its columns (20 or 24)."""
+def _lines_in(path):
+    """A results file's header and its whole rows by trial number, whatever its columns."""
     try:
         with open(path, newline="") as f:
-            lines = f.read().splitlines()
+            lines = f.read().splitlines(keepends=True)
     except FileNotFoundError:
-        return []
+        return COLUMNS, {}
     if not lines:
-        return []
-    header = lines[0].split("\t")
+        return COLUMNS, {}
+    header = lines[0].rstrip("\n").split("\t")
     if "trial" not in header:
         raise StorageError(f"{path} does not have the results.tsv columns; is it ours?")
     at = header.index("trial")
-    return [line.split("\t")[at] for line in lines[1:] if line.count("\t") == len(header) - 1]
+    return header, {line.split("\t")[at]: line for line in lines[1:]
+                    if line.endswith("\n") and line.count("\t") == len(header) - 1}
 
 
 def sync_results_tsv(shared, path):
@@ -483,27 +487,27 @@ def sync_results_tsv(shared, path):
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rows = shared.rows()
-    # Workers of one machine sync the same file: one at a time, and never replacing a newer
-    # view with an older one (the rows of a study only grow).
+    # Workers of one machine sync the same file one at a time. Another may have written rows
+    # that finished after our read: keep its lines, so the view never goes back, rather than
+    # read the study again while every other worker waits for the lock.
     lock = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        old = _trials_in(path)
-        if not set(old) <= {str(r["trial"]) for r in rows}:
-            rows = shared.rows()  # someone wrote a newer view since our read
-        have = {str(r["trial"]) for r in rows}
-        missing = [t for t in old if t not in have]
-        if missing:
+        header, old = _lines_in(path)
+        lines, newer = _view(rows, shared, old)
+        if any(int(t) > max(shared.numbers_seen, default=-1) for t in newer if t.isdigit()):
+            rows = shared.rows()  # trials created after our read: look again
+            lines, newer = _view(rows, shared, old)
+        foreign = [t for t in newer if not t.isdigit() or int(t) not in shared.numbers_running]
+        if foreign or newer and header != COLUMNS:
             raise StorageError(
-                f"{path} holds trial(s) {', '.join(missing[:5])} that study "
+                f"{path} holds trial(s) {', '.join((foreign or list(newer))[:5])} that study "
                 f"{shared.study_name!r} does not; import them first (SharedStudy.import_rows) "
                 f"or use another results file")
-        unknown = {k for r in rows for k in r} - set(COLUMNS)
-        if unknown:
-            raise StorageError(f"rows carry unknown results column(s): "
-                               f"{', '.join(sorted(unknown))}")
-        text = "\t".join(COLUMNS) + "\n" + "".join(
-            "\t".join(_format(c, r.get(c)) for c in COLUMNS) + "\n" for r in rows)
+        if header == COLUMNS and old.keys() == lines.keys():
+            return rows  # the file already holds this view (another worker wrote it)
+        merged = lines | newer
+        text = "\t".join(COLUMNS) + "\n" + "".join(merged[t] for t in sorted(merged, key=int))
         tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
         with open(tmp, "w") as f:
             f.write(text)
@@ -513,3 +517,13 @@ def sync_results_tsv(shared, path):
     finally:
         os.close(lock)
     return rows
+
+
+def _view(rows, shared, old):
+    """Our rows as lines by trial number, and the file's lines of trials we have no row for."""
+    unknown = {k for r in rows for k in r} - set(COLUMNS)
+    if unknown:
+        raise StorageError(f"rows carry unknown results column(s): {', '.join(sorted(unknown))}")
+    lines = {str(r["trial"]): "\t".join(_format(c, r.get(c)) for c in COLUMNS) + "\n"
+             for r in rows}
+    return lines, {t: line for t, line in old.items() if t not in lines}

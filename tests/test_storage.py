@@ -229,6 +229,12 @@ def test_sync_refuses_to_overwrite_rows_the_study_lacks_and_imports_them(tmp_pat
         assert list(df["trial"]) == [0, 1, 2] and list(df["status"]) == ["keep", "crash", "keep"]
         with pytest.raises(StorageError, match="not empty"):
             s.import_rows(before)
+    with SharedStudy(url, "another", **FAST) as other:  # a view of another study: refused
+        n = other.reserve({"config": "x"})
+        other.finish(n, {"trial": n, "val_bpb": 1.7, "status": "keep", "config": "x"}, 1.7)
+        with pytest.raises(StorageError, match=r"holds trial\(s\) 1, 2 that study 'another'"):
+            sync_results_tsv(other, old)
+    assert list(pd.read_csv(old, sep="\t")["val_bpb"]) == [1.9, 0, 1.8]
 
 
 def test_postgres_outage_is_retried_and_a_long_one_stops_with_a_clear_error(
