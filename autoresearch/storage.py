@@ -337,22 +337,37 @@ class SharedStudy:
 
     def import_rows(self, rows):
         """Seed an empty study with the rows of an existing results.tsv (a single-worker run
-        that goes on with several), keeping their trial numbers' order. Returns how many."""
+        that goes on with several) under their own trial numbers; numbers missing from the
+        file are taken by withdrawn placeholders, so new trials never reuse one. Run it from
+        one process, before the workers start. Returns how many rows were imported."""
         if self._call("reading the study", self.storage.get_all_trials, self.study_id,
                       deepcopy=False):
             raise StorageError(f"study {self.study_name!r} is not empty; import only into a "
                                "new study")
+        try:
+            rows = sorted(rows, key=lambda r: int(r["trial"]))
+        except (KeyError, TypeError, ValueError):
+            raise StorageError("every imported row needs an integer `trial`") from None
+        numbers = [int(r["trial"]) for r in rows]
+        if len(set(numbers)) != len(numbers) or numbers and numbers[0] < 0:
+            raise StorageError("imported rows repeat a trial number or have a negative one")
+        at = 0
         for row in rows:
-            value = _float(row.get("val_bpb"))
-            ok = row.get("status") != "crash" and value is not None
-            now = datetime.datetime.now()
-            self._call("importing rows", self.storage.create_new_trial, self.study_id,
-                       template_trial=FrozenTrial(
-                           number=-1, state=TrialState.COMPLETE if ok else TrialState.FAIL,
-                           value=value if ok else None, datetime_start=now,
-                           datetime_complete=now, params={}, distributions={},
-                           user_attrs={"row": dict(row), "reservation": "imported"},
-                           system_attrs={}, intermediate_values={}, trial_id=-1))
+            while at <= int(row["trial"]):
+                gap = at < int(row["trial"])
+                value = _float(row.get("val_bpb"))
+                ok = not gap and row.get("status") != "crash" and value is not None
+                attrs = ({"withdrawn": "gap in the imported results"} if gap
+                         else {"row": dict(row), "reservation": "imported"})
+                now = datetime.datetime.now()
+                self._call("importing rows", self.storage.create_new_trial, self.study_id,
+                           template_trial=FrozenTrial(
+                               number=-1, state=TrialState.COMPLETE if ok else TrialState.FAIL,
+                               value=value if ok else None, datetime_start=now,
+                               datetime_complete=now, params={}, distributions={},
+                               user_attrs=attrs | {"reservation": "imported"}, system_attrs={},
+                               intermediate_values={}, trial_id=-1))
+                at += 1
         return len(rows)
 
     # -- code mode: train.py sources ------------------------------------------------------

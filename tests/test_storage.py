@@ -213,26 +213,26 @@ def test_sync_refuses_to_overwrite_rows_the_study_lacks_and_imports_them(tmp_pat
     from autoresearch import ledger
     led = ledger.Ledger(str(old))
     led.append({"val_bpb": 1.9, "status": "keep", "description": "baseline", "trial": 0})
-    led.append({"val_bpb": 0, "status": "crash", "error": "oom", "trial": 1})
+    led.append({"val_bpb": 0, "status": "crash", "error": "oom", "trial": 2})
     before = led.rows()
     with SharedStudy(url, "s", **FAST) as s:
-        with pytest.raises(StorageError, match=r"holds trial\(s\) 0, 1"):
+        with pytest.raises(StorageError, match=r"holds trial\(s\) 0, 2"):
             sync_results_tsv(s, old)
         assert len(pd.read_csv(old, sep="\t")) == 2  # untouched
         s.import_rows(before)
         n = s.reserve({"config": "x"})
-        assert n == 2
+        assert n == 3  # after the gap the old file had at 1
         s.finish(n, {"trial": n, "val_bpb": 1.8, "status": "keep", "config": "x"}, 1.8)
         sync_results_tsv(s, old)
         df = pd.read_csv(old, sep="\t")
         assert list(df.columns) == storage.COLUMNS
-        assert list(df["trial"]) == [0, 1, 2] and list(df["status"]) == ["keep", "crash", "keep"]
+        assert list(df["trial"]) == [0, 2, 3] and list(df["status"]) == ["keep", "crash", "keep"]
         with pytest.raises(StorageError, match="not empty"):
             s.import_rows(before)
     with SharedStudy(url, "another", **FAST) as other:  # a view of another study: refused
         n = other.reserve({"config": "x"})
         other.finish(n, {"trial": n, "val_bpb": 1.7, "status": "keep", "config": "x"}, 1.7)
-        with pytest.raises(StorageError, match=r"holds trial\(s\) 1, 2 that study 'another'"):
+        with pytest.raises(StorageError, match=r"holds trial\(s\) 2, 3 that study 'another'"):
             sync_results_tsv(other, old)
     assert list(pd.read_csv(old, sep="\t")["val_bpb"]) == [1.9, 0, 1.8]
 
