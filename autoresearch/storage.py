@@ -115,6 +115,9 @@ class SharedStudy:
         self._held = {}               # trial_id -> number, the trials this process runs
         self._numbers = {}            # number -> trial_id
         self._sources = {}
+        self._rows = {}               # number -> (trial_id, row): the finished rows seen so far
+        self._built, self._late = set(), set()
+        self._lines = {}              # trial_id -> its row as a results.tsv line
         self._last_sweep = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -306,34 +309,45 @@ class SharedStudy:
         return {k: copy.deepcopy(v) for k, v in trial.user_attrs.items() if k not in _RESERVED}
 
     def rows(self):
-        """Every finished row of the study in trial order. A trial whose worker vanished reads as
-        a crash row with error `lost`, filled from its job."""
+        """Every finished row of the study in trial order (copies). A trial whose worker
+        vanished reads as a crash row with error `lost`, filled from its job."""
+        # rows hold scalars and flat dicts (params, changes): two levels is a full copy
+        return [{k: v.copy() if isinstance(v, (dict, list)) else v for k, v in row.items()}
+                for _, row in self._view()]
+
+    def _view(self):
+        """(trial id, row) of the finished rows in trial order, shared with the cache:
+        read-only. The trial id is that of the trial the row came from. Finished trials
+        never change in Optuna, so each is turned into a row once per process, and a call
+        costs what finished since the last one."""
         self._sweep()
         trials = self._call("reading the study", self.storage.get_all_trials, self.study_id,
                             deepcopy=False)
-        replaced = {t.user_attrs["late_for"] for t in trials if "late_for" in t.user_attrs}
         # what sync_results_tsv needs to tell a row newer than this read from a foreign one
         self.numbers_seen = {t.number for t in trials}
         self.numbers_running = {t.number for t in trials if not t.state.is_finished()}
-        rows = []
-        for t in trials:
+        for t in trials:  # by number: a late trial comes after the one it replaces
             a = t.user_attrs
-            if (not t.state.is_finished() or "reservation" not in a and "late_for" not in a
-                    or "withdrawn" in a or t.number in replaced):
+            if (not t.state.is_finished() or t._trial_id in self._built
+                    or "reservation" not in a and "late_for" not in a or "withdrawn" in a):
                 continue
-            if "row" in a:
-                rows.append(copy.deepcopy(a["row"]))
-            else:
-                rows.append(self._lost_row(t))
-        rows.sort(key=lambda r: int(r["trial"]))
-        _count_lost_runs(rows)
-        return rows
+            self._built.add(t._trial_id)
+            if "late_for" in a:
+                self._late.add(a["late_for"])
+                self._rows[a["late_for"]] = (t._trial_id, a["row"])
+            elif t.number not in self._late:
+                self._rows[t.number] = (t._trial_id, a["row"] if "row" in a
+                                        else self._lost_row(t))
+        return [self._rows[n] for n in sorted(self._rows)]
 
     def _lost_row(self, trial):
         job = self._job(trial)
-        row = {c: copy.deepcopy(job[c]) for c in COLUMNS if c in job}
+        row = {c: job[c] for c in COLUMNS if c in job}
+        config = row.get("config")
+        runs = sum(1 for n, (_, r) in self._rows.items() if n < trial.number and config
+                   and r.get("config") == config and r.get("status") != "crash")
         return row | {"trial": trial.number, "status": "crash", "error": "lost", "val_bpb": 0.0,
-                      "memory_gb": 0.0, "mean_bpb": 0.0}
+                      "memory_gb": 0.0, "mean_bpb": 0.0, "runs": runs}
 
     def import_rows(self, rows):
         """Seed an empty study with the rows of an existing results.tsv (a single-worker run
@@ -459,17 +473,6 @@ def _float(text):
     return value if math.isfinite(value) else None
 
 
-def _count_lost_runs(rows):
-    """A lost row has no `runs` of its own: give it the finished runs of its config so far."""
-    done = {}
-    for row in rows:
-        config = row.get("config")
-        if row.get("status") != "crash" and config:
-            done[config] = done.get(config, 0) + 1
-        if row.get("error") == "lost" and "runs" not in row:
-            row["runs"] = done.get(config, 0)
-
-
 def _format(name, value):
     if name == "mean_bpb" and name not in ledger._FORMATS:
         value = _float(value) or 0.0
@@ -498,10 +501,10 @@ def sync_results_tsv(shared, path):
     """Write `path` as a view of the whole study: every finished row of every worker, in trial
     order, replaced in one rename so pandas never reads a half-written file. A file holding
     rows that the study does not (another study, or runs before it) is refused, not
-    overwritten. Returns the rows written."""
+    overwritten. Returns the rows written (read-only)."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    rows = shared.rows()
+    view = shared._view()
     # Workers of one machine sync the same file one at a time. Another may have written rows
     # that finished after our read: keep its lines, so the view never goes back, rather than
     # read the study again while every other worker waits for the lock.
@@ -509,10 +512,10 @@ def sync_results_tsv(shared, path):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         header, old = _lines_in(path)
-        lines, newer = _view(rows, shared, old)
+        lines, newer = _lines_of(view, shared, old)
         if any(int(t) > max(shared.numbers_seen, default=-1) for t in newer if t.isdigit()):
-            rows = shared.rows()  # trials created after our read: look again
-            lines, newer = _view(rows, shared, old)
+            view = shared._view()  # trials created after our read: look again
+            lines, newer = _lines_of(view, shared, old)
         foreign = [t for t in newer if not t.isdigit() or int(t) not in shared.numbers_running]
         if foreign or newer and header != COLUMNS:
             raise StorageError(
@@ -520,7 +523,7 @@ def sync_results_tsv(shared, path):
                 f"{shared.study_name!r} does not; import them first (SharedStudy.import_rows) "
                 f"or use another results file")
         if header == COLUMNS and old.keys() == lines.keys():
-            return rows  # the file already holds this view (another worker wrote it)
+            return [row for _, row in view]  # the file already holds this view (another worker wrote it)
         merged = lines | newer
         text = "\t".join(COLUMNS) + "\n" + "".join(merged[t] for t in sorted(merged, key=int))
         tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
@@ -531,14 +534,18 @@ def sync_results_tsv(shared, path):
         os.replace(tmp, path)
     finally:
         os.close(lock)
-    return rows
+    return [row for _, row in view]
 
 
-def _view(rows, shared, old):
+def _lines_of(view, shared, old):
     """Our rows as lines by trial number, and the file's lines of trials we have no row for."""
-    unknown = {k for r in rows for k in r} - set(COLUMNS)
-    if unknown:
-        raise StorageError(f"rows carry unknown results column(s): {', '.join(sorted(unknown))}")
-    lines = {str(r["trial"]): "\t".join(_format(c, r.get(c)) for c in COLUMNS) + "\n"
-             for r in rows}
+    lines = {}
+    for trial_id, row in view:
+        if trial_id not in shared._lines:
+            unknown = set(row) - set(COLUMNS)
+            if unknown:
+                raise StorageError(f"trial {row['trial']}'s row carries unknown results "
+                                   f"column(s): {', '.join(sorted(unknown))}")
+            shared._lines[trial_id] = "\t".join(_format(c, row.get(c)) for c in COLUMNS) + "\n"
+        lines[str(row["trial"])] = shared._lines[trial_id]
     return lines, {t: line for t, line in old.items() if t not in lines}

@@ -94,36 +94,37 @@ def header(title):
 
 
 def view_cost(url, sizes):
-    """rows() and the results.tsv rewrite against study size: the first read in a process
-    (everything), then the next one after one more trial (incremental)."""
+    """rows() and the results.tsv sync against study size: the first read in a process (every
+    trial), then the next one after one more trial (incremental). The study is filled with
+    finished rows through import_rows (one transaction per row, as finish leaves them)."""
     print(f"\nresults view against study size ({url.split(':')[0]})\n"
-          f"{'trials':>7} {'first rows()':>12} {'next rows()':>11} {'sync tsv':>9}")
-    done = 0
+          f"{'trials':>7} {'first rows()':>12} {'next rows()':>11} {'sync tsv':>9}", flush=True)
     path = os.path.join(tempfile.mkdtemp(prefix="bench-view-"), "results.tsv")
-    with SharedStudy(url, "view", heartbeat_seconds=5, grace=30) as s:
-        for size in sizes:
-            while done < size:
-                n = s.reserve({"config": f"c{done}", "worker": "bench", "params": {"X": done}},
-                              unique=())
-                row = {"trial": n, "val_bpb": 1.5, "status": "discard", "config": f"c{done}",
-                       "worker": "bench", "params": {"X": done, "Y": 0.1}, "runs": 1,
-                       "mean_bpb": 1.5, "description": "a description of some length " * 3}
-                s.finish(n, row, 1.5)
-                done += 1
-            with SharedStudy(url, "view", heartbeat_seconds=5, grace=30) as fresh:
+    for size in sizes:
+        name = f"view{size}"
+        rows = [{"trial": i, "val_bpb": 1.5, "status": "discard", "config": f"c{i}",
+                 "worker": "gpubox/cuda:3", "params": {"X": i, "Y": 0.1, "Z": "relu2"},
+                 "runs": 1, "mean_bpb": 1.5, "strategy": "tpe", "seed": 42,
+                 "description": "MATRIX_LR 0.04->0.05, DEPTH 8->10"} for i in range(size)]
+        with SharedStudy(url, name, heartbeat_seconds=5, grace=30) as s:
+            s.import_rows(rows)
+            with SharedStudy(url, name, heartbeat_seconds=5, grace=30) as fresh:
                 t0 = time.perf_counter()
                 fresh.rows()
                 first = time.perf_counter() - t0
+                sync_results_tsv(fresh, path)
                 n = s.reserve({"config": "extra"}, unique=())
                 s.finish(n, {"trial": n, "val_bpb": 1.4, "status": "keep"}, 1.4)
-                done += 1
                 t0 = time.perf_counter()
                 rows = fresh.rows()
                 nxt = time.perf_counter() - t0
+                n = s.reserve({"config": "extra2"}, unique=())
+                s.finish(n, {"trial": n, "val_bpb": 1.4, "status": "keep"}, 1.4)
                 t0 = time.perf_counter()
-                sync_results_tsv(fresh, path)  # its rows() finds nothing new: mostly the write
-                write = time.perf_counter() - t0
-            print(f"{len(rows):>7} {first:>12.3f} {nxt:>11.4f} {write:>9.4f}", flush=True)
+                sync_results_tsv(fresh, path)
+                sync = time.perf_counter() - t0
+            os.remove(path)
+        print(f"{len(rows):>7} {first:>12.3f} {nxt:>11.4f} {sync:>9.4f}", flush=True)
 
 
 def main():
@@ -134,7 +135,7 @@ def main():
     ap.add_argument("--backends", default="sqlite,postgres")
     ap.add_argument("--scale", default="64,128,256", help="simulated workers ('' to skip)")
     ap.add_argument("--scale-seconds", type=float, default=1.0)
-    ap.add_argument("--view-sizes", default="100,1000,5000", help="'' to skip")
+    ap.add_argument("--view-sizes", default="100,1000,3000", help="'' to skip")
     args = ap.parse_args()
     backends = args.backends.split(",")
     server = None
@@ -145,8 +146,9 @@ def main():
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, trials of {args.seconds} s, "
           f"{args.trials} per worker")
     try:
-        header("one process per worker, results.tsv rewritten after every trial")
-        for backend in backends:
+        if args.workers:
+            header("one process per worker, results.tsv rewritten after every trial")
+        for backend in backends if args.workers else []:
             for workers in [int(w) for w in args.workers.split(",")]:
                 work = tempfile.mkdtemp(prefix="bench-par-")
                 url = (f"sqlite:///{work}/study.db" if backend == "sqlite"
