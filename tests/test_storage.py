@@ -178,7 +178,7 @@ def test_crash_rows_never_half_written_and_not_finite_values_fail(url):
         t = s.study.trials[n]
         assert t.state.name == "FAIL" and t.user_attrs["row"]["error"] == "nan"
         with pytest.raises(ValueError, match="reserved"):
-            s.reserve({"config": "y", "row": {}})
+            s.reserve({"config": "y", "reservation": "mine"})
 
 
 def test_params_with_distributions_are_optuna_params(tmp_path):
