@@ -264,10 +264,17 @@ def postgres_bindir():
 
 @pytest.fixture(scope="session")
 def postgres_server():
+    import pwd
     bindir = postgres_bindir()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's "
                     "`postgresql` package (bash .ci/run does when it runs as root)")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a `postgres` user to run initdb as (initdb "
+                        "refuses root); Debian's postgresql package creates it")
     server = Postgres(bindir)
     yield server
     server.close()
