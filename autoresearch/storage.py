@@ -118,6 +118,7 @@ class SharedStudy:
         self._rows = {}               # number -> (trial_id, row): the finished rows seen so far
         self._built, self._late = set(), set()
         self._lines = {}              # trial_id -> its row as a results.tsv line
+        self._views = set()           # results files checked to be views of this study
         self._last_sweep = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -413,10 +414,11 @@ class SharedStudy:
 
     def _sweep(self):
         """Fail the trials of workers that stopped beating (Optuna's own check, run here because
-        Optuna runs it only inside Study.optimize) and those past their deadline. At most once
-        a heartbeat, since it queries every running trial."""
+        Optuna runs it only inside Study.optimize) and those past their deadline. It reads
+        every running trial, so with N workers sweeping the cost grows as N^2: each worker
+        sweeps at most every half grace, and a lost trial is still failed within 1.5 graces."""
         now = time.monotonic()
-        if now - self._last_sweep < self.heartbeat_seconds:
+        if now - self._last_sweep < self.grace / 2:
             return
         self._last_sweep = now
         with self._lock:
@@ -517,15 +519,22 @@ def sync_results_tsv(shared, path):
         fcntl.flock(lock, fcntl.LOCK_EX)
         header, old = _lines_in(path)
         lines, newer = _lines_of(view, shared, old)
-        if any(int(t) > max(shared.numbers_seen, default=-1) for t in newer if t.isdigit()):
-            view = shared._view()  # trials created after our read: look again
+        last = max(shared.numbers_seen, default=-1)
+        known = path in shared._views  # written or checked by this process before
+        if not known and any(int(t) > last for t in newer if t.isdigit()):
+            # Trials beyond what we have read, in a file we do not know: read again, so a
+            # results file of another run is not taken for a newer view of this study.
+            view = shared._view()
             lines, newer = _lines_of(view, shared, old)
-        foreign = [t for t in newer if not t.isdigit() or int(t) not in shared.numbers_running]
+            last = max(shared.numbers_seen, default=-1)
+        foreign = [t for t in newer if not t.isdigit() or int(t) > last and not known
+                   or int(t) <= last and int(t) not in shared.numbers_running]
         if foreign or newer and header != COLUMNS:
             raise StorageError(
                 f"{path} holds trial(s) {', '.join((foreign or list(newer))[:5])} that study "
                 f"{shared.study_name!r} does not; import them first (SharedStudy.import_rows) "
                 f"or use another results file")
+        shared._views.add(path)
         if header == COLUMNS and old.keys() == lines.keys():
             return [row for _, row in view]  # another worker already wrote this view
         merged = lines | newer

@@ -10,6 +10,9 @@ way a loop worker will. Workers start together; the figures are
   efficiency                  trials/hour / (workers x 3600 / seconds): 1.0 = no overhead
   eff@330s                    330 / (330 + coordination): the same cost on a real trial
   coordination s/trial        reserve + finish + results.tsv sync, mean (and the slowest)
+  cpu s                       the worker's own CPU time in those steps (the rest is waiting:
+                              for the database, a lock, or a CPU core)
+  load                        the machine's 1-minute load average when the row was printed
 on SQLite (a file in a temp dir) and PostgreSQL (a throwaway server on 127.0.0.1, as in the
 tests). --scale then simulates many workers (16 per process, as threads, each with its own
 connections) with short trials against PostgreSQL, reading the study (rows()) instead of
@@ -84,13 +87,16 @@ def report(backend, workers, trials, seconds, wall, finished):
           f"{statistics.mean(coord):>8.3f} {max(coord):>7.3f} "
           f"{statistics.mean(e['reserve'] for e in finished):>7.3f} "
           f"{statistics.mean(e['finish'] for e in finished):>7.3f} "
-          f"{statistics.mean(e['sync'] for e in finished):>7.3f}", flush=True)
+          f"{statistics.mean(e['sync'] for e in finished):>7.3f} "
+          f"{statistics.mean(e['cpu'] for e in finished):>7.3f} {os.getloadavg()[0]:>5.1f}",
+          flush=True)
 
 
 def header(title):
     print(f"\n{title}\n{'backend':>8} {'wkrs':>4} {'trials/h':>10} {'ideal':>8} {'eff':>6} "
           f"{'eff@330s':>7} "
-          f"{'coord s':>8} {'max s':>7} {'reserve':>7} {'finish':>7} {'sync':>7}", flush=True)
+          f"{'coord s':>8} {'max s':>7} {'reserve':>7} {'finish':>7} {'sync':>7} {'cpu s':>7} "
+          f"{'load':>5}", flush=True)
 
 
 def view_cost(url, sizes):
