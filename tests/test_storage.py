@@ -121,6 +121,13 @@ def test_simultaneous_reservations_of_one_config_give_it_to_one_worker(url, tmp_
             assert len(got) == 1
             running = shared.running()
             assert [j["number"] for j in running] == [got[0]["number"]]
+            for p in procs:
+                p.kill()
+                p.communicate()
+            time.sleep(FAST["grace"] + 1.5)
+            # withdrawn reservations (the losers of the race, if they got that far) are no rows
+            assert [(int(r["trial"]), r["error"]) for r in shared.rows()] == [
+                (got[0]["number"], "lost")]
     finally:
         for p in procs:
             p.kill()
