@@ -20,6 +20,7 @@ schema that optuna-dashboard reads. This module adds what the loop needs on top:
 import copy
 import datetime
 import fcntl
+import json
 import logging
 import math
 import os
@@ -187,7 +188,7 @@ class SharedStudy:
         token = uuid.uuid4().hex
         # One attribute, not one per key: the study stays locked while a trial is created, and
         # each attribute is two more statements inside that lock (3x slower at 8 keys).
-        attrs = {"job": copy.deepcopy(job) | {"reservation": token}}
+        attrs = {"job": _plain(job, "job") | {"reservation": token}}
         if timeout is not None:
             attrs["job"]["deadline"] = time.time() + timeout
         distributions = {k: d for k, d in (distributions or {}).items()
@@ -257,7 +258,7 @@ class SharedStudy:
         FAIL when value is None or not finite (a crash). Safe to call again after an error.
         If another worker already failed the trial as lost (this worker was cut off from the
         database past the grace), the row is kept in a new trial that replaces it."""
-        row = copy.deepcopy(row) | {"trial": row.get("trial", number)}
+        row = _plain(row, "row") | {"trial": row.get("trial", number)}
         ok = value is not None and math.isfinite(value)
         state = TrialState.COMPLETE if ok else TrialState.FAIL
         values = [float(value)] if ok else None
@@ -469,6 +470,14 @@ class SharedStudy:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _plain(value, what):
+    """A copy as the database will give it back (JSON), so a retry can compare what it wrote."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the {what} must be JSON-able: {e}") from None
 
 
 def _float(text):

@@ -186,6 +186,13 @@ def test_crash_rows_never_half_written_and_not_finite_values_fail(url):
         assert t.state.name == "FAIL" and t.user_attrs["row"]["error"] == "nan"
         with pytest.raises(ValueError, match="reserved"):
             s.reserve({"config": "y", "reservation": "mine"})
+        with pytest.raises(ValueError, match="JSON-able"):
+            s.reserve({"config": "y", "when": object()})
+        m = s.reserve({"config": "z"})
+        row = {"trial": m, "val_bpb": 1.5, "status": "keep", "params": {"WINDOW": (8, 4)}}
+        assert s.finish(m, row, 1.5) == m
+        assert s.finish(m, row, 1.5) == m  # a tuple came back a list: still the same row
+        assert s.rows()[-1]["params"] == {"WINDOW": [8, 4]}
 
 
 def test_params_with_distributions_are_optuna_params(tmp_path):
