@@ -195,3 +195,98 @@ def fake_llm_work(tmp_path, smoke_data, monkeypatch):
 
     yield start
     fake.close()
+
+
+class Postgres:
+    """A throwaway PostgreSQL server on 127.0.0.1 in a temp directory (initdb, pg_ctl), run as
+    the `postgres` user when the tests run as root (initdb refuses root). stop()/start() let a
+    test take the database away and bring it back."""
+
+    def __init__(self, bindir):
+        import socket
+        import tempfile
+        self.bindir = bindir
+        self.root = tempfile.mkdtemp(prefix="pg-test-")
+        self.data = os.path.join(self.root, "data")
+        self.log = os.path.join(self.root, "server.log")
+        self.as_user = []
+        if os.geteuid() == 0:
+            import pwd
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                  "--no-sync")
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def _run(self, tool, *args):
+        import subprocess
+        cmd = self.as_user + [os.path.join(self.bindir, tool), *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            log = open(self.log).read()[-2000:] if os.path.exists(self.log) else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}{log}")
+
+    def start(self):
+        # fsync off: a test server; max_connections for the many-worker tests and benchmark.
+        opts = (f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+                f"-c max_connections=600 -c shared_buffers=64MB")
+        self._run("pg_ctl", "-D", self.data, "-l", self.log, "-o", opts, "-w", "start")
+
+    def stop(self):
+        self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+
+    def create_database(self, name):
+        import psycopg
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as con:
+            con.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def close(self):
+        try:
+            self.stop()
+        except RuntimeError:
+            pass  # already stopped
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def postgres_bindir():
+    """Where initdb and pg_ctl live: on PATH, or Debian's /usr/lib/postgresql/<version>/bin."""
+    import glob
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return os.path.dirname(os.path.realpath(found))
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                      key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0)
+    return os.path.dirname(versions[-1]) if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    import pwd
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's "
+                    "`postgresql` package (bash .ci/run does when it runs as root)")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a `postgres` user to run initdb as (initdb "
+                        "refuses root); Debian's postgresql package creates it")
+    server = Postgres(bindir)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request):
+    """A fresh database on the session's server, for one test."""
+    import re
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50] + f"_{os.getpid()}"
+    return postgres_server.create_database(name)
