@@ -25,7 +25,9 @@ from autoresearch.patch import PatchError
 from autoresearch.proposers import STRATEGIES
 from autoresearch.space import SpaceError
 
-USER_ERRORS = (LoopError, LedgerError, PatchError, SpaceError)
+from autoresearch.storage import StorageError
+
+USER_ERRORS = (LoopError, LedgerError, PatchError, SpaceError, StorageError)
 
 
 def add_common(ap):
@@ -78,6 +80,25 @@ def recheck_main(argv):
     return 0
 
 
+def run_workers(args, argv):
+    from autoresearch import workers
+    from autoresearch.record import SharedRecord
+    storage = args.storage or workers.default_storage(args.results)
+    try:
+        gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
+        record = SharedRecord(storage, args.study, args.results)
+        imported = record.import_results()  # before any worker writes to the study
+        record.close()
+        if imported:
+            print(f"study {args.study!r} in {storage}: started from the {imported} run(s) of "
+                  f"{args.results}")
+        print(f"{args.workers} workers sharing study {args.study!r} in {storage}", flush=True)
+        return workers.launch(argv, args.workers, storage, args.study, args.trials, gpus)
+    except (ValueError, workers.WorkersError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
@@ -105,6 +126,21 @@ def main(argv=None):
                        help="noise judge: one-sided confidence a keep needs (default 0.95)")
     judge.add_argument("--min-delta", type=float, default=0.0,
                        help="threshold judge: keep only if val_bpb beats the incumbent by more")
+    many = ap.add_argument_group("many workers (one study shared through a database)")
+    many.add_argument("--workers", type=int, default=1,
+                      help="run N loops on this machine, one per GPU (--gpus to choose), "
+                      "sharing one study (default 1)")
+    many.add_argument("--gpus", help="comma-separated GPU indices for --workers (default: all)")
+    many.add_argument("--storage", help="join a shared study: sqlite:///path/results.db (one "
+                      "machine) or postgresql://user:pass@host/db (many); default with "
+                      "--workers: results.db beside the results file")
+    many.add_argument("--study", default="autoresearch", help="the study's name in the storage")
+    many.add_argument("--heartbeat", type=float, default=10.0,
+                      help="seconds between a worker's heartbeats (default 10)")
+    many.add_argument("--lost-after", type=float, default=60.0,
+                      help="a trial whose worker sent no heartbeat for this long is recorded as "
+                      "a crash `lost` (default 60)")
+    many.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--git", action="store_true", help="commit each keep on autoresearch/<tag>")
     ap.add_argument("--tag", help="branch tag for --git (default: today, e.g. nov22)")
     ap.add_argument("--dry-run", action="store_true", help="print the candidates, run nothing")
@@ -130,16 +166,23 @@ def main(argv=None):
 
     if args.max_runs < 2 and args.judge == "noise":
         ap.error("--max-runs must be >= 2 for the noise judge (a keep needs a repeat)")
+    if args.workers < 1:
+        ap.error("--workers must be >= 1")
+    if args.workers > 1 or args.gpus:
+        return run_workers(args, argv)
     settings = Settings(train_path=args.train, space_path=args.space, results_path=args.results,
                         strategy=args.strategy, seed=args.seed, judge=args.judge,
                         baseline_runs=args.baseline_runs, max_runs=args.max_runs,
                         confidence=args.confidence, min_delta=args.min_delta,
                         git=args.git, tag=args.tag, time_budget=args.budget,
+                        storage=args.storage, study=args.study, worker_slot=args.worker_slot,
+                        heartbeat_seconds=args.heartbeat, lost_after=args.lost_after,
                         llm=dict(base_url=args.llm_base_url, model=args.llm_model,
                                  key_env=args.llm_key_env, timeout=args.llm_timeout,
                                  max_calls=args.llm_max_calls, max_tokens=args.llm_max_tokens,
                                  **({"llm_fraction": args.llm_fraction}
                                     if args.strategy == "centaur" else {"scope": args.llm_scope})))
+    driver = None
     try:
         driver = Driver(settings)
         if args.dry_run:
@@ -150,7 +193,7 @@ def main(argv=None):
               f"{args.strategy} | judge {driver.judge.describe()} | budget {driver.budget:g}s "
               f"(limit {driver.time_limit:g}s) | {len(driver.rows)} run(s) in {args.results}",
               flush=True)
-        driver.run(trials=args.trials, hours=args.hours)
+        driver.run(trials=args.trials, hours=args.hours, progress=args.worker_slot is None)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -158,6 +201,9 @@ def main(argv=None):
         print("\ninterrupted: a trial that was running was stopped and recorded as a crash "
               "(interrupted); train.py holds the best so far", file=sys.stderr)
         return 130
+    finally:
+        if driver is not None:
+            driver.close()
     return 0
 
 

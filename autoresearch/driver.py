@@ -25,6 +25,7 @@ from autoresearch.memory import oom_observations, shrink_to_fit
 from autoresearch.patch import patch_constants, read_constants
 from autoresearch.proposers import Context, make_proposer
 from autoresearch.ratchet import GitRatchet, RatchetError, source_hash
+from autoresearch.record import FileRecord, SharedRecord, optuna_distributions
 from autoresearch.runner import Outcome, progress_of, run_trial
 from autoresearch.space import PROFILE_NAMES, load_space
 
@@ -55,6 +56,12 @@ class Settings:
     trainer_env: dict = field(default_factory=dict)
     llm: dict = field(default_factory=dict)  # LLM proposer options: base_url, model, key_env...
     worker: str = None             # the results' worker column; default host/device
+    worker_slot: int = None        # which of this machine's workers this is (--workers)
+    storage: str = None            # a shared study: sqlite:///path or postgresql://...
+    study: str = "autoresearch"    # its name within the storage
+    heartbeat_seconds: float = 10.0  # shared study: how often this worker says it is alive
+    lost_after: float = 60.0       # shared study: silence after which a trial is crash `lost`
+    poll_seconds: float = 5.0      # how often a worker with nothing to run looks again
     run_fn: Callable = None        # runs one trial (default runner.run_trial); benchmarks swap it
 
 
@@ -82,7 +89,8 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def default_worker():
+def default_worker(slot=None):
+    """host/device, e.g. gpubox/cuda:3; CPU workers sharing a machine are told apart by slot."""
     import torch
     if torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
@@ -90,7 +98,7 @@ def default_worker():
     elif torch.backends.mps.is_available():
         device = "mps"
     else:
-        device = "cpu"
+        device = "cpu" if slot is None else f"cpu:{slot}"
     return f"{socket.gethostname()}/{device}"
 
 
@@ -129,20 +137,32 @@ class Driver:
         if settings.baseline_runs < 1:
             raise LoopError("--baseline-runs must be at least 1")
         self.code_mode = settings.strategy == "llm" and settings.llm.get("scope") == "code"
-        self.ledger = ledger_mod.Ledger(settings.results_path)
-        # The budget is part of what makes runs comparable: a results file keeps the one it
-        # was started with (a resume needs no --budget), and refuses another.
         asked = settings.time_budget or float(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 0)
-        budget = asked or self.ledger.recorded().get("time_budget") or self.profile.time_budget
-        self.ledger.bind(self.profile.name, self.data.meta["name"], float(budget))
+        grace = settings.grace if settings.grace is not None else None
+        if settings.storage:
+            limit = (asked or self.profile.time_budget) + (grace or 60.0)
+            try:
+                self.record = SharedRecord(
+                    settings.storage, settings.study, settings.results_path,
+                    # any worker may fail a trial held this long (a hung trainer, OOM retries)
+                    timeout=limit * (settings.oom_retries + 1) + 120,
+                    distributions=optuna_distributions(self.space),
+                    heartbeat_seconds=settings.heartbeat_seconds, grace=settings.lost_after)
+            except ValueError as e:
+                raise LoopError(str(e)) from None
+        else:
+            self.record = FileRecord(settings.results_path)
+        # The budget is part of what makes runs comparable: a results file (or a study) keeps
+        # the one it was started with (a resume needs no --budget), and refuses another.
+        budget = asked or self.record.recorded().get("time_budget") or self.profile.time_budget
+        self.record.bind(self.profile.name, self.data.meta["name"], float(budget))
         self.budget = float(budget)
-        self.time_limit = budget + (settings.grace if settings.grace is not None
-                                    else max(60.0, 0.5 * budget))
+        self.time_limit = budget + (grace if grace is not None else max(60.0, 0.5 * budget))
         self.trainer_env = dict(settings.trainer_env)
         if self.budget != self.profile.time_budget:
             self.trainer_env["AUTORESEARCH_TIME_BUDGET"] = f"{self.budget:g}"
         self.run_fn = settings.run_fn or run_trial
-        self.worker = settings.worker or default_worker()
+        self.worker = settings.worker or default_worker(settings.worker_slot)
         try:
             self.ratchet = GitRatchet(self.train_path, settings.tag, log) if settings.git else None
         except RatchetError as e:
@@ -152,11 +172,14 @@ class Driver:
         self.base_seed = self._base_seed(seed)
         self._restore_incumbent()
         self.proposer.warm_start(self.proposal_context())
+        # configs the proposer knows the verdict of; others' verdicts are told before it proposes
+        self.told = {c.id for c in self.configs.values() if c.status in _DECIDED}
 
     # --- what the results say -----------------------------------------------------------------
 
     def reload(self):
-        self.rows = self.ledger.rows()
+        self.rows = self.record.rows()
+        self.running = self.record.running()  # other workers' jobs (a shared study)
         self.runs = history.runs_of(self.rows, self.space)
         self.refresh()
 
@@ -225,8 +248,11 @@ class Driver:
                 with open(path) as f:
                     return f.read()
             except FileNotFoundError:
-                pass
-        if config.kind == "code":
+                pass  # run on another machine, or runs/ was cleaned up
+        shared = self.record.get_source(config.id)
+        if shared is not None:
+            return shared
+        if config.kind == "code" or self.code_mode:
             return None  # edited code that is no longer on disk cannot be re-created
         current = self.current_source()
         now = self.searched(current)
@@ -257,12 +283,17 @@ class Driver:
         return Context(best=best, best_value=value,
                        best_runs=self.incumbent.n if self.incumbent else 0,
                        configs=self.configs, noise=self.noise, source=self.current_source(),
-                       defaults=dict(self.profile.train), check=self.cannot_run)
+                       defaults=dict(self.profile.train), check=self.cannot_run,
+                       running=[j for j in self.running if j.get("params")])
 
     def cannot_run(self, params, source=None):
-        """Why a candidate will not be run, or None. A config is new when no run trained it."""
+        """Why a candidate will not be run, or None. A config is new when no run trained it
+        and no other worker is training it now."""
         code = source if source is not None else self.current_source()
-        known = self.configs.get(self.config_of(params, code))
+        config = self.config_of(params, code)
+        if any(j.get("config") == config for j in self.running):
+            return "another worker is running this configuration now"
+        known = self.configs.get(config)
         if known is not None and (known.n or known.crashes):  # (an interrupted run is no try)
             if known.status == "retest":
                 return f"this configuration is being re-run already (mean {known.mean:.6f} over {known.n})"
@@ -274,38 +305,51 @@ class Driver:
         return f"it breaks the constraint(s): {'; '.join(broken)}" if broken else None
 
     def ask(self):
-        """The next run: the baseline's SEEDs first, then open races (with the incumbent's
-        re-runs the judge asks for), then a new candidate."""
-        inc = self.incumbent
-        if inc is None:
-            return self._rerun_job(None, "baseline")
-        if inc.crashes < 2:
-            base = self.baseline()
-            if base is not None and base.id == inc.id and inc.n < self.s.baseline_runs:
-                return self._rerun_job(inc, "baseline")
-            if self.noise is None and self.judge.name == "noise" and inc.n < self.s.baseline_runs:
-                return self._rerun_job(inc, "incumbent", "noise floor first")
-        race = next((c for c in self.configs.values() if c.status == "retest"), None)
+        """The next run: the baseline's SEEDs first (side by side when several workers share
+        the study), then open races (with the incumbent's re-runs the judge asks for), then a
+        new candidate. None when everything that could run is being run by other workers."""
+        inc, base = self.incumbent, self.baseline()
+        busy = {j.get("config") for j in self.running}
+        if inc is None or base is not None and base.id == inc.id and base.crashes < 2 \
+                and base.n < self.s.baseline_runs:
+            under_way = sum(j.get("purpose") == "baseline" for j in self.running)
+            if (base.n if base else 0) + under_way < self.s.baseline_runs:
+                return self._rerun_job(base, "baseline")
+            return None  # no verdict before the baseline's runs are in
+        self._restore_incumbent()  # another worker (machine) may have kept something
+        if inc.crashes < 2 and inc.id not in busy and self.noise is None \
+                and self.judge.name == "noise" and inc.n < self.s.baseline_runs:
+            return self._rerun_job(inc, "incumbent", "noise floor first")
+        race = next((c for c in self.configs.values() if c.status == "retest"
+                     and c.id not in busy), None)
         if race is not None:
-            if inc.crashes < 2 and self.judge.wants_incumbent_run(inc, race):
+            if inc.crashes < 2 and inc.id not in busy and self.judge.wants_incumbent_run(inc, race):
                 return self._rerun_job(inc, "incumbent", f"during the race of {race.id}")
             return self._rerun_job(race, "retest")
         return self._new_job()
 
+    def _running_seeds(self, config_id):
+        return [j["seed"] for j in self.running if j.get("config") == config_id and "seed" in j]
+
     def _rerun_job(self, config, purpose, why=""):
         """Another run of a known config (or the first baseline run), with a SEED it has not
-        used."""
+        used and no other worker is using."""
         if config is None:
             source = self.current_source()
             params = self.searched(source)
-            return Job("baseline", "baseline", params, {}, self.config_of(params, source),
-                       self.base_seed, source, "baseline", "baseline")
+            config_id = self.config_of(params, source)
+            seed = max(self._running_seeds(config_id), default=self.base_seed - 1) + 1
+            k = seed - self.base_seed + 1
+            return Job("baseline", "baseline", params, {}, config_id, seed,
+                       patch_constants(source, {"SEED": seed}),
+                       "baseline" if k == 1 else f"baseline (run {k}/{self.s.baseline_runs})",
+                       "baseline")
         source = self.source_of(config)
         if source is None:
-            raise LoopError(f"the train.py of config {config.id} is gone from {self.runs_dir}; "
-                            f"it cannot be re-run")
-        seed = config.next_seed(self.base_seed)
-        run = len(config.values) + 1
+            raise LoopError(f"the train.py of config {config.id} is in no runs/ directory here "
+                            f"and not in the shared study; it cannot be re-run")
+        seed = max([config.next_seed(self.base_seed) - 1, *self._running_seeds(config.id)]) + 1
+        run = len(config.values) + 1 + len(self._running_seeds(config.id))
         if purpose == "baseline":
             description = f"baseline (run {run}/{self.s.baseline_runs})"
         elif purpose == "incumbent":
@@ -320,7 +364,13 @@ class Driver:
                    self.pending.get(config.id))
 
     def _new_job(self):
-        cand = self.propose()
+        self._catch_up()
+        try:
+            cand = self.propose()
+        except LoopError:
+            if self.running:  # what other workers are running may open races: wait for them
+                return None
+            raise
         current = self.current_source()
         now = self.searched(current)
         base = cand.source if cand.source is not None else patch_constants(
@@ -412,6 +462,8 @@ class Driver:
 
     def tell(self, job, trial, outcome, source, note="", started=None):
         """Judge the run, move the ratchet, write the row; returns (row, verdict reason)."""
+        if self.record.shared:
+            self.reload()  # other workers' runs since this one started count in its verdict
         params = self.searched(source)
         config = job.config if params == job.params else self.config_of(params, source)
         description = f"{job.description} ({note})" if note else job.description
@@ -451,7 +503,7 @@ class Driver:
             _write_atomic(self.train_path, patch_constants(source, {"SEED": self.base_seed}))
         row["commit"] = self._commit(source, status == "keep" and (inc is None or config != inc.id),
                                      f"val_bpb {mine.mean or 0:.6f} over {mine.n} runs: {description}")
-        self.ledger.append(row)
+        self.record.finish(trial, row)
         self.reload()
         self._tell_proposer(job, config, status)
         return row, reason
@@ -464,8 +516,17 @@ class Driver:
                 self.pending[config] = job.candidate
             return
         candidate = self.pending.pop(config, None) or job.candidate
-        if candidate is not None or job.purpose == "retest":
+        if (candidate is not None or job.purpose == "retest") and config not in self.told:
+            self.told.add(config)
             self.proposer.tell(candidate, self.configs[config])
+
+    def _catch_up(self):
+        """Tell the proposer the verdicts it has not heard: other workers' configs, and races
+        that began before a restart."""
+        for c in self.configs.values():
+            if c.status in _DECIDED and c.id not in self.told and c.id not in self.pending:
+                self.told.add(c.id)
+                self.proposer.tell(None, c)
 
     def _commit(self, source, keep, message):
         if self.ratchet is None:
@@ -475,17 +536,55 @@ class Driver:
         except RatchetError as e:
             raise LoopError(str(e)) from None
 
+    def close(self):
+        """Stop the shared study's heartbeats (a file record has nothing to stop)."""
+        self.record.close()
+
     # --- driving ------------------------------------------------------------------------------
 
     def step(self, trial=None, on_line=None):
         """Ask, run and tell one run; returns the row written."""
         return self._step(trial, on_line)[0]
 
+    def _reserve(self, trial=None):
+        """The next job and its trial number. In a shared study the number comes from the
+        storage (unique across workers), and a job whose config another worker took a moment
+        ago is asked again; with nothing to run, the worker waits for the others."""
+        waited = False
+        while True:
+            job = self.ask()
+            if job is not None:
+                if self.record.shared and self.code_mode:  # so other machines can re-run it
+                    self.record.put_source(job.config, patch_constants(job.source,
+                                                                       {"SEED": self.base_seed}))
+                number = self.record.reserve(self._job_attrs(job), self.rows)
+                if number is not None:
+                    return job, (number if trial is None or self.record.shared else trial)
+                if job.candidate is not None:  # taken by another worker: tell it as a repeat
+                    self.proposer.reject(job.candidate)
+            elif not waited:
+                self.log(f"[{self.worker}] waiting: what can run next is running on other workers")
+                waited = True
+            time.sleep(0 if job is not None else self.s.poll_seconds)
+            self.reload()
+
+    def _job_attrs(self, job):
+        """What other workers see of a job while it runs."""
+        return {"config": job.config, "params": json.loads(json.dumps(job.params, default=list)),
+                "seed": job.seed, "purpose": job.purpose, "kind": job.kind,
+                "strategy": job.strategy, "description": job.description,
+                "changes": json.loads(json.dumps(job.changes, default=list)),
+                "worker": self.worker, "started_at": ledger_mod.now_iso()}
+
     def _step(self, trial=None, on_line=None):
+        job, trial = self._reserve(trial)
         started = ledger_mod.now_iso()
-        job = self.ask()
-        trial = ledger_mod.next_trial(self.rows) if trial is None else trial
-        outcome, source, note = self.run_job(trial, job, on_line)
+        try:
+            outcome, source, note = self.run_job(trial, job, on_line)
+        except BaseException:
+            # never leave a reserved trial without its row (Ctrl-C outside the trainer, a bug)
+            self.tell(job, trial, Outcome(False, "interrupted"), job.source, "", started)
+            raise
         row, reason = self.tell(job, trial, outcome, source, note, started)
         if outcome.error == "interrupted":
             raise KeyboardInterrupt
@@ -514,12 +613,12 @@ class Driver:
         done = []
         try:
             while (trials is None or len(done) < trials) and (deadline is None or time.time() < deadline):
-                trial = ledger_mod.next_trial(self.rows)
-                bar.set_description(f"trial {trial}")
-                row, reason, job = self._step(trial, on_line)
+                row, reason, job = self._step(None, on_line)
                 done.append(row)
                 bar.update(1)
-                bar.write(self.trial_line(row, reason))
+                bar.set_description(f"trial {row['trial']}")
+                line = self.trial_line(row, reason)
+                bar.write(line if self.s.worker_slot is None else f"[{self.worker}] {line}")
         finally:
             bar.close()
         return done
@@ -572,7 +671,10 @@ class Driver:
                 config = self.configs[config.id]
                 job = self._rerun_job(config, "recheck")
                 job.description = f"recheck {k + 1}/{runs} of the {who} ({config.id})"
-                trial = ledger_mod.next_trial(self.rows)
+                trial = self.record.reserve(self._job_attrs(job), self.rows)
+                if trial is None:
+                    raise LoopError(f"another worker is running config {config.id}; recheck "
+                                    f"when the workers have stopped")
                 outcome, source, note = self.run_job(trial, job, on_line)
                 row, _ = self.tell(job, trial, outcome, source, note)
                 rows.append(row)
@@ -588,6 +690,9 @@ class Driver:
                 "rechecked_runs": {k: len(v) for k, v in fresh.items()},
                 "retained": again / recorded if recorded else None,
                 "baseline": base.id, "incumbent": inc.id, "noise": self.noise}
+
+
+_DECIDED = ("keep", "discard", "crash")
 
 
 def _changes_of(run):

@@ -51,6 +51,11 @@ def _field(name, value):
     return " ".join(str(value).replace("\t", " ").splitlines())
 
 
+def as_text(row):
+    """A row as the text fields a results.tsv line holds (what Ledger.rows gives back)."""
+    return {c: _field(c, row.get(c)) for c in COLUMNS}
+
+
 def format_row(row):
     unknown = set(row) - set(COLUMNS)
     if unknown:
@@ -90,7 +95,7 @@ class Ledger:
             raise LedgerError(f"{self.path} holds trials of profile {rows[0]['profile']!r}, not "
                               f"{profile!r}; use another --results file")
 
-    def _write_claim(self):
+    def write_claim(self):
         if self.claim is None or os.path.exists(self.meta_path):
             return
         tmp = f"{self.meta_path}.tmp.{os.getpid()}"
@@ -101,7 +106,7 @@ class Ledger:
     def append(self, row):
         line = format_row(row).encode("utf-8")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._write_claim()
+        self.write_claim()
         fd = self._open_locked()
         try:
             size = os.fstat(fd).st_size

@@ -58,7 +58,7 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
                                     env=clean_env(data_dir, env), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, text=True, errors="replace",
-                                    bufsize=1, preexec_fn=_die_with_parent)
+                                    bufsize=1, preexec_fn=die_with_parent)
 
             def pump():  # a thread, so the time limit holds even when the trainer prints nothing
                 for line in proc.stdout:
@@ -108,7 +108,7 @@ def _wait(proc, time_limit, stop):
     return "interrupted" if stop.is_set() else ""
 
 
-def _die_with_parent():
+def die_with_parent():
     """Linux: if the loop itself is killed (kill -9), the kernel kills the trainer too, so no
     orphan keeps the GPU busy while the loop is restarted."""
     if sys.platform.startswith("linux"):

@@ -151,7 +151,8 @@ def simulate(judge, loop, args, data_dir, null=False):
         settings = Settings(train_path=os.path.join(work, "train.py"),
                             space_path=os.path.join(work, "search_space.yaml"),
                             results_path=os.path.join(work, "results.tsv"), data_dir=data_dir,
-                            seed=loop, run_fn=trainer, worker="sim", **JUDGES[judge],
+                            seed=loop, run_fn=trainer, worker="sim", strategy=args.strategy,
+                            **JUDGES[judge],
                             **(dict(max_runs=args.max_runs, confidence=args.confidence)
                                if judge == "noise" else {}))
         driver = Driver(settings, log=lambda *a: None)
@@ -181,8 +182,8 @@ def simulate(judge, loop, args, data_dir, null=False):
 
 def sim_main(args, null=False):
     data_dir = cpu_data(args.cache)
-    print(f"{'null space' if null else 'cpu space'}: {args.loops} loops x {args.runs} runs per "
-          f"judge, sigma {math.hypot(args.sigma_seed, args.sigma_run):.4f} (seed part "
+    print(f"{'null space' if null else 'cpu space'}: {args.strategy}, {args.loops} loops x "
+          f"{args.runs} runs per judge, sigma {math.hypot(args.sigma_seed, args.sigma_run):.4f} (seed part "
           f"{args.sigma_seed:.4f}, run part {args.sigma_run:.4f}), available gain "
           f"{0 if null else args.gain}", flush=True)
     table = {}
@@ -265,6 +266,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=["sim", "real", "null", "simnull"])
     ap.add_argument("--judges", nargs="+", default=list(JUDGES))
+    ap.add_argument("--strategy", default="greedy", choices=["greedy", "random", "tpe", "cmaes"])
     ap.add_argument("--loops", type=int, default=200)
     ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--sigma-seed", type=float, default=0.0092,

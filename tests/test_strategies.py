@@ -101,3 +101,23 @@ def test_resume_feeds_config_means_to_the_study(strategy, tmp_path, smoke_data, 
     for config, group in df.groupby("config"):
         assert group.params.nunique() == 1 and group.seed.is_unique  # re-runs, never repeats
     assert strategy in set(df.strategy[3:]) <= {strategy, "baseline"}  # (incumbent re-runs)
+
+
+def test_tpe_counts_configs_running_elsewhere_until_their_verdict():
+    """constant_liar: another worker's running config is a RUNNING trial of the study, and gets
+    the config's mean when its race is decided (told once, not added again)."""
+    proposer = make_proposer("tpe", SPACE, 0)
+    base = {k: CONSTANTS[k] for k in SPACE.params}
+    other = dict(base, LR=0.5)
+    ctx = context(base)
+    ctx.running = [{"config": "elsewhere", "params": other}]
+    proposer.propose(ctx)
+    proposer.propose(ctx)  # asked again: still one stand-in
+    states = [t.state.name for t in proposer.study.trials]
+    assert states.count("RUNNING") == 3 and proposer.liars == {"elsewhere": 0}
+    c = decided(other, 1.234)
+    c.id = "elsewhere"
+    proposer.tell(None, c)
+    first = proposer.study.trials[0]
+    assert first.state.name == "COMPLETE" and first.value == 1.234 and not proposer.liars
+    assert len(proposer.study.trials) == 3

@@ -163,6 +163,11 @@ class LLMProposer(Proposer):
             parts += [f"  {(c.errors or ['?'])[-1]}: "
                       f"{c.description if code else json.dumps(_jsonable(c.params), sort_keys=True)}"
                       for c in crashes]
+        if ctx.running:
+            parts += ["", "Being run now by other workers (their results are not in yet; do not "
+                          "propose these again):"]
+            parts += [f"  {j.get('description', '') if code else json.dumps(j.get('params'), sort_keys=True)}"
+                      for j in ctx.running[:self.history]]
         if ctx.noise:
             parts += ["", f"Noise: the same configuration run again varies by about "
                           f"{ctx.noise.std:.6f} val_bpb (standard deviation over "

@@ -8,6 +8,7 @@ so the model steers away from them.
 """
 import math
 
+from autoresearch.history import tuples_back as _tuples
 from autoresearch.proposers.base import Candidate, Proposer, changes_from, describe_changes
 
 
@@ -34,6 +35,7 @@ class OptunaProposer(Proposer):
                                 else optuna.distributions.CategoricalDistribution(list(range(n + 1))))
         self.study = None
         self.pending = []  # configs decided before the study exists
+        self.liars = {}    # config id -> Optuna trial number: configs other workers are running
 
     def encode(self, params):
         """Optuna's view of a configuration, or None if it lies outside the space."""
@@ -60,7 +62,10 @@ class OptunaProposer(Proposer):
         return out
 
     def make_sampler(self, best):
-        return self.optuna.samplers.TPESampler(seed=self.seed, multivariate=True)
+        # constant_liar: configs other workers are running count as bad until they finish, so
+        # workers asking at once spread out instead of all sampling the same region
+        return self.optuna.samplers.TPESampler(seed=self.seed, multivariate=True,
+                                               constant_liar=True)
 
     def _ensure_study(self, best):
         if self.study is None:
@@ -86,6 +91,13 @@ class OptunaProposer(Proposer):
 
     def propose(self, ctx):
         self._ensure_study(ctx.best)
+        for job in ctx.running:  # a shared study: what the other workers are running now
+            enc = self.encode(_tuples(job.get("params", {}), self.space))
+            if enc is not None and job.get("config") and job["config"] not in self.liars:
+                self.study.add_trial(self.optuna.trial.create_trial(
+                    state=self.optuna.trial.TrialState.RUNNING, params=enc,
+                    distributions=self.dists))
+                self.liars[job["config"]] = self.study.trials[-1].number
         trial = self.study.ask(self.dists)
         params = self.decode(trial.params)
         changes = changes_from(params, ctx.best)
@@ -94,6 +106,13 @@ class OptunaProposer(Proposer):
 
     def tell(self, candidate, config):
         value = config.mean if config.status != "crash" else None
+        if config.id in self.liars:  # it ran elsewhere: its stand-in gets the real value
+            number = self.liars.pop(config.id)
+            if value is None or not math.isfinite(value):
+                self.study.tell(number, state=self.optuna.trial.TrialState.FAIL)
+            else:
+                self.study.tell(number, value)
+            return
         if candidate is None or candidate.meta.get("trial") is None:
             if self.study is None:
                 self.pending.append(config)
