@@ -107,12 +107,13 @@ def signal_of(points, failed=""):
         return "diverging"
     if len(points) < 4:
         return ""
-    end = points[-1][1]
+    last, end = points[-1]
     lowest = min(loss for _, loss in points)
-    at75 = _at(points, 0.75)
+    # The last quarter and the second half of what ran: all of the budget, unless it stopped.
+    at75 = _at(points, 0.75 * last)
     if end > lowest * (1 + DIVERGING) and end > at75:
         return "diverging"
-    half = [loss for p, loss in points if p >= 0.5] or [loss for _, loss in points[-2:]]
+    half = [loss for p, loss in points if p >= 0.5 * last]
     if len(half) >= 3:
         movement = sum(abs(b - a) for a, b in zip(half, half[1:]))
         net = abs(half[0] - half[-1])
