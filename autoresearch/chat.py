@@ -81,7 +81,8 @@ class Chat:
     base_url: the endpoint (default $OPENAI_BASE_URL, else OpenAI's); model: default
     $AUTORESEARCH_LLM_MODEL, else gpt-4o-mini; the key is read from $key_env (a base_url of
     one's own needs none). timeout is per request; max_retries is the client's own retrying of
-    timeouts, 429 and 5xx. log: a callable taking one line."""
+    timeouts, 429 and 5xx; max_calls and max_tokens cap the run's answered calls and their
+    tokens (prompt and completion). log: a callable taking one line."""
 
     def __init__(self, base_url=None, model=None, key_env="OPENAI_API_KEY", timeout=60.0,
                  max_retries=3, max_calls=200, max_tokens=2_000_000, temperature=0.7,
@@ -105,10 +106,12 @@ class Chat:
                                    max_retries=max_retries)
         self.client = client
 
-    def complete(self, messages, schema=None):
+    def complete(self, messages, schema=None, answer_tokens=None):
         """The endpoint's answer to messages, as JSON following schema where the endpoint
-        enforces it. Raises BudgetSpent before sending once the caps are reached, and the
-        openai errors that no format change fixes (timeouts, 5xx after the client's retries)."""
+        enforces it. answer_tokens caps the answer (sent as max_tokens; a small local model held to
+        a loose schema can otherwise write until its context is full). Raises BudgetSpent
+        before sending once the caps are reached, and the openai errors that no format change
+        fixes (timeouts, 5xx after the client's retries)."""
         import openai
         if self.calls >= self.max_calls or self.tokens >= self.max_tokens:
             raise BudgetSpent(f"budget spent ({self.calls} calls, {self.tokens} tokens)")
@@ -120,6 +123,8 @@ class Chat:
                 level += 1
                 continue
             kwargs = dict(model=self.model, messages=messages, temperature=self.temperature)
+            if answer_tokens:
+                kwargs["max_tokens"] = answer_tokens
             if response_format(fmt, schema):
                 kwargs["response_format"] = response_format(fmt, schema)
             # A format not yet known to work is tried without the client's retries, so that a

@@ -81,6 +81,14 @@ def test_lm_studio_keeps_json_schema(endpoint):
     assert chat.complete(MESSAGES, SCHEMA).format == "json_schema" and len(fake.requests) == 1
 
 
+def test_the_answer_can_be_capped(endpoint):
+    fake, chat, _ = endpoint()
+    fake.script = [ANSWER, ANSWER]
+    chat.complete(MESSAGES, SCHEMA, answer_tokens=300)
+    chat.complete(MESSAGES, SCHEMA)
+    assert fake.requests[0]["body"]["max_tokens"] == 300 and "max_tokens" not in fake.requests[1]["body"]
+
+
 def test_without_a_schema_json_mode_comes_first(endpoint):
     fake, chat, _ = endpoint()
     fake.script = [ANSWER]
