@@ -68,6 +68,14 @@ class Param:
             return int(round(x))
         return float(f"{x:.3g}")  # readable values in train.py and results.tsv
 
+    def json_schema(self):
+        """The allowed values as JSON Schema: an enum of the choices (tuples as arrays), else a
+        number or integer with minimum and maximum."""
+        if self.choices is not None:
+            return {"enum": [list(c) if isinstance(c, tuple) else c for c in self.choices]}
+        return {"type": "integer" if self.integer else "number",
+                "minimum": self.low, "maximum": self.high}
+
     def contains(self, value):
         if self.choices is not None:
             return value in self.choices
@@ -92,6 +100,12 @@ class Space:
 
     def sample(self, rng):
         return {name: p.sample(rng) for name, p in self.params.items()}
+
+    def json_schema(self):
+        """Changes to a configuration as JSON Schema: some searched constants, each with its
+        allowed values, nothing else. The cross-constant constraints are not expressible here."""
+        return {"type": "object", "additionalProperties": False, "minProperties": 1,
+                "properties": {name: p.json_schema() for name, p in self.params.items()}}
 
     def mutate(self, base, rng):
         """Changes to `base`: between mutate_min and mutate_max constants, each to a value near

