@@ -16,6 +16,7 @@ beats the incumbent's mean with the confidence asked for. Restarting resumes, al
 of a race: numbering continues and train.py is restored to the incumbent if it drifted.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -51,7 +52,8 @@ def report_main(argv):
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report.format_summary(report.summarize(df, top=args.top)))
+    results_dir = os.path.dirname(os.path.abspath(args.results))
+    print(report.format_summary(report.summarize(df, top=args.top, results_dir=results_dir)))
     plot = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.results)), "progress.png")
     print(f"plot: {report.plot_progress(df, plot)}")
     return 0
@@ -148,6 +150,9 @@ def main(argv=None):
     llm.add_argument("--llm-base-url", help="e.g. http://localhost:11434/v1 for Ollama "
                      "(default: $OPENAI_BASE_URL, else OpenAI)")
     llm.add_argument("--llm-model", help="default: $AUTORESEARCH_LLM_MODEL, else gpt-4o-mini")
+    llm.add_argument("--llm-gguf", metavar="PATH",
+                     help="a local GGUF chat model: the loop serves it with llama.cpp on "
+                     "127.0.0.1 for the run (no key, no network; needs llama-cpp-python[server])")
     llm.add_argument("--llm-key-env", default="OPENAI_API_KEY",
                      help="environment variable holding the key (never written anywhere)")
     llm.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
@@ -163,6 +168,10 @@ def main(argv=None):
         ap.error("--trials must be >= 0")
     if args.llm_scope == "code" and args.strategy != "llm":
         ap.error("--llm-scope code needs --strategy llm")
+    if args.llm_gguf and args.strategy not in ("llm", "centaur"):
+        ap.error("--llm-gguf needs --strategy llm or centaur")
+    if args.llm_gguf and args.llm_base_url:
+        ap.error("--llm-gguf serves its own endpoint: leave out --llm-base-url")
 
     if args.max_runs < 2 and args.judge == "noise":
         ap.error("--max-runs must be >= 2 for the noise judge (a keep needs a repeat)")
@@ -183,7 +192,16 @@ def main(argv=None):
                                  **({"llm_fraction": args.llm_fraction}
                                     if args.strategy == "centaur" else {"scope": args.llm_scope})))
     driver = None
+    stack = contextlib.ExitStack()
     try:
+        if args.llm_gguf:
+            from autoresearch import local_llm
+            try:
+                server = stack.enter_context(local_llm.serve(args.llm_gguf))
+            except local_llm.LocalLLMError as e:
+                raise LoopError(str(e)) from None
+            settings.llm |= {"base_url": server.url, "model": server.model}
+            print(f"llm: {server.model} served by llama.cpp at {server.url}", flush=True)
         driver = Driver(settings)
         if args.dry_run:
             for cand in driver.dry_run(args.trials or 5):
@@ -204,6 +222,7 @@ def main(argv=None):
     finally:
         if driver is not None:
             driver.close()
+        stack.close()
     return 0
 
 

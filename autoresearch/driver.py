@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import prepare
-from autoresearch import edits, history
+from autoresearch import curves, edits, history
 from autoresearch import ledger as ledger_mod
 from autoresearch.judge import make_judge
 from autoresearch.memory import oom_observations, shrink_to_fit
 from autoresearch.patch import patch_constants, read_constants
-from autoresearch.proposers import Context, make_proposer
+from autoresearch.proposers import LLM_STRATEGIES, Context, make_proposer
 from autoresearch.ratchet import GitRatchet, RatchetError, source_hash
 from autoresearch.record import FileRecord, SharedRecord, optuna_distributions
 from autoresearch.runner import Outcome, progress_of, run_trial
@@ -131,7 +131,8 @@ class Driver:
             self.judge = make_judge(settings.judge, confidence=settings.confidence,
                                     max_runs=settings.max_runs, min_delta=settings.min_delta,
                                     min_runs=min(2, settings.max_runs))
-            self.proposer = make_proposer(settings.strategy, self.space, settings.seed, settings.llm)
+            llm = dict(settings.llm, log=log) if settings.strategy in LLM_STRATEGIES else settings.llm
+            self.proposer = make_proposer(settings.strategy, self.space, settings.seed, llm)
         except ValueError as e:
             raise LoopError(str(e)) from None
         if settings.baseline_runs < 1:
@@ -284,7 +285,44 @@ class Driver:
                        best_runs=self.incumbent.n if self.incumbent else 0,
                        configs=self.configs, noise=self.noise, source=self.current_source(),
                        defaults=dict(self.profile.train), check=self.cannot_run,
-                       running=[j for j in self.running if j.get("params")])
+                       running=[j for j in self.running if j.get("params")],
+                       curves=self.curve_lines() if self.s.strategy in LLM_STRATEGIES else {})
+
+    def curve_of(self, run):
+        """The training curve of a run (curves.Curve), kept as curve.json beside its log; None
+        for a run whose log is not on this machine."""
+        if not run.row.get("log"):
+            return None
+        trial_dir = os.path.join(self.results_dir, os.path.dirname(run.row["log"]))
+        path = os.path.join(trial_dir, "curve.json")
+        try:
+            with open(path) as f:
+                return curves.Curve.from_dict(json.load(f))
+        except (FileNotFoundError, ValueError):
+            pass
+        log = os.path.join(self.results_dir, run.row["log"])
+        if not os.path.exists(log):
+            return None
+        curve = curves.curve_of_log(log)
+        try:
+            with open(path, "w") as f:
+                json.dump(curve.as_dict(), f)
+        except OSError:
+            pass
+        return curve
+
+    def curve_lines(self):
+        """config id -> the curve line of its latest finished run (what the LLM reads)."""
+        latest = {}
+        for r in self.runs:
+            if r.finished:
+                latest[r.config] = r
+        out = {}
+        for config, run in latest.items():
+            curve = self.curve_of(run)
+            if curve is not None and curve.steps:
+                out[config] = curve.line()
+        return out
 
     def cannot_run(self, params, source=None):
         """Why a candidate will not be run, or None. A config is new when no run trained it
@@ -568,6 +606,14 @@ class Driver:
             time.sleep(0 if job is not None else self.s.poll_seconds)
             self.reload()
 
+    def _keep_proposal(self, trial, meta):
+        """What an LLM proposal cost (tokens, seconds, format, valid/repaired/fallback), as
+        runs/<trial>/proposal.json: `loop.py report` sums it per strategy."""
+        trial_dir = os.path.join(self.runs_dir, f"{trial:04d}")
+        os.makedirs(trial_dir, exist_ok=True)
+        with open(os.path.join(trial_dir, "proposal.json"), "w") as f:
+            json.dump({k: v for k, v in meta.items() if k != "diff"}, f, indent=1)
+
     def _job_attrs(self, job):
         """What other workers see of a job while it runs."""
         return {"config": job.config, "params": json.loads(json.dumps(job.params, default=list)),
@@ -581,6 +627,8 @@ class Driver:
         started = ledger_mod.now_iso()
         try:
             outcome, source, note = self.run_job(trial, job, on_line)
+            if job.candidate is not None and job.candidate.meta.get("llm"):
+                self._keep_proposal(trial, job.candidate.meta)
         except BaseException:
             # never leave a reserved trial without its row (Ctrl-C outside the trainer, a bug)
             self.tell(job, trial, Outcome(False, "interrupted"), job.source, "", started)

@@ -58,7 +58,35 @@ def gain_interval(base, inc, noise, level=0.95):
     return base.mean - inc.mean, half
 
 
-def summarize(df, top=5):
+def llm_costs(df, results_dir):
+    """Per strategy: LLM proposals, tokens, seconds and how they went (valid at once, after
+    the repair round, fallen back), from the proposal.json kept beside each run's log."""
+    out = {}
+    for strategy, log in zip(df.strategy, df.log):
+        path = os.path.join(results_dir, os.path.dirname(log), "proposal.json") if log else ""
+        if not path or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            p = json.load(f)
+        c = out.setdefault(strategy, {"proposals": 0, "tokens": 0, "seconds": 0.0, "valid": 0,
+                                      "repaired": 0, "fallback": 0})
+        c["proposals"] += 1
+        c["tokens"] += p.get("tokens", 0)
+        c["seconds"] += p.get("seconds", 0.0)
+        c[p.get("outcome", "fallback")] = c.get(p.get("outcome", "fallback"), 0) + 1
+    return out
+
+
+def curve_line(results_dir, log):
+    """The curve line of a run (curves.py), or None where its log is not on this machine."""
+    if not log:
+        return None
+    from autoresearch import curves
+    path = os.path.join(results_dir, log)
+    return curves.curve_of_log(path).line() if os.path.exists(path) else None
+
+
+def summarize(df, top=5, results_dir=None):
     runs = _runs(df)
     configs = history.configs_of(runs)
     inc = history.incumbent_of(runs, configs)
@@ -86,7 +114,17 @@ def summarize(df, top=5):
         "top_hits": _hits(runs, configs)[:top],
         "recheck": recheck_of(runs, configs),
         "strategies": pd.Series([r.strategy for r in runs], dtype=str).value_counts().to_dict(),
+        "llm": llm_costs(df, results_dir) if results_dir else {},
+        "incumbent_curve": _latest_curve(runs, inc, results_dir),
     }
+
+
+def _latest_curve(runs, config, results_dir):
+    if config is None or not results_dir:
+        return None
+    latest = max((r for r in runs if r.config == config.id and r.finished), key=lambda r: r.trial,
+                 default=None)
+    return curve_line(results_dir, latest.row.get("log")) if latest else None
 
 
 def _hits(runs, configs):
@@ -170,12 +208,18 @@ def format_summary(s):
     if s["lowest_run"]:
         lines.append(f"lowest single run: {s['lowest_run']['val_bpb']:.6f} (trial "
                      f"{s['lowest_run']['trial']}; one run, luck included)")
+    if s.get("incumbent_curve"):
+        lines.append(f"incumbent's latest run: {s['incumbent_curve']}")
     if s["top_hits"]:
         lines.append("kept configs by gain over the incumbent they replaced (means):")
         lines += [f"  #{h['trial']:<4} {h['mean']:.6f} over {h['runs']} run(s)  -{h['gain']:.6f}  "
                   f"{h['description']}" for h in s["top_hits"]]
     if s["recheck"] is not None:
         lines.append(format_recheck(s["recheck"]))
+    for strategy, c in sorted(s.get("llm", {}).items()):
+        lines.append(f"llm cost ({strategy}): {c['proposals']} proposals, {c['tokens']} tokens, "
+                     f"{c['seconds']:.1f} s; valid {c['valid']}, after repair {c['repaired']}, "
+                     f"fell back {c['fallback']}")
     return "\n".join(lines)
 
 

@@ -35,7 +35,6 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare  # noqa: E402
-from autoresearch import history  # noqa: E402
 from autoresearch.driver import Driver, Settings  # noqa: E402
 from autoresearch.patch import read_constants  # noqa: E402
 from autoresearch.runner import Outcome  # noqa: E402

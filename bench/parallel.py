@@ -1,7 +1,14 @@
-"""Storage layer of parallel workers: what sharing one study costs per trial, against workers.
+"""Parallel workers: what sharing one study costs per trial, against workers.
 
     python bench/parallel.py [--workers 1,2,4,8,16,32] [--seconds 2] [--trials 5]
                              [--scale 64,128,256] [--backends sqlite,postgres]
+    python bench/parallel.py --loop [--workers 1,2,4,8,16] [--seconds 10] [--trials 4]
+
+--loop: the whole loop. Each worker is a real `loop.py --storage URL` process in its own
+directory (a "machine"), greedy strategy, noise judge, with the fixture trainer that sleeps
+--seconds (tests/fixtures/fake_train.py). Per worker, the span from the start of its first
+trial to the end of its last; overhead per trial = span / trials - the trainer's own wall time
+(its process, measured from the trial's files): everything the loop and the study add.
 
 Each worker is a real process (tests/fixtures/storage_worker.py) that reserves a trial,
 "trains" by sleeping --seconds, finishes it and rewrites results.tsv from the whole study, the
@@ -133,8 +140,58 @@ def view_cost(url, sizes):
         print(f"{len(rows):>7} {first:>12.3f} {nxt:>11.4f} {sync:>9.4f}", flush=True)
 
 
+def loop_workers(url, workers, trials, seconds, data_dir):
+    """Real loop.py workers on one study; returns per-worker (span, trainer seconds, rows)."""
+    import shutil
+    from autoresearch.patch import patch_constants
+    root = tempfile.mkdtemp(prefix="bench-loop-")
+    fake = open(os.path.join(ROOT, "tests", "fixtures", "fake_train.py")).read()
+    space = ("smoke:\n  mutate: [1, 2]\n  params:\n    MATRIX_LR: {low: 0.01, high: 0.32, log: true}\n"
+             "    DEPTH: {choices: [1, 2, 3]}\n")
+    procs, dirs = [], []
+    for i in range(workers):
+        work = os.path.join(root, f"m{i}")
+        os.makedirs(work)
+        open(os.path.join(work, "train.py"), "w").write(patch_constants(fake, {"SLEEP": seconds}))
+        open(os.path.join(work, "search_space.yaml"), "w").write(space)
+        dirs.append(work)
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "loop.py"), "--storage", url, "--trials",
+             str(trials), "--worker-slot", str(i), "--heartbeat", "5", "--lost-after", "60"],
+            cwd=work, env=dict(os.environ, AUTORESEARCH_DATA=data_dir),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        if p.wait():
+            raise SystemExit(f"a worker failed: {p.stderr.read()[-3000:]}")
+    out = []
+    for work in dirs:
+        starts, ends, trainer = [], [], 0.0
+        for d in os.listdir(os.path.join(work, "runs")):
+            t0 = os.stat(os.path.join(work, "runs", d, "train.py")).st_mtime
+            t1 = os.stat(os.path.join(work, "runs", d, "run.log")).st_mtime
+            starts.append(t0)
+            ends.append(t1)
+            trainer += t1 - t0
+        out.append((max(ends) - min(starts), trainer / len(starts), len(starts)))
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def loop_report(backend, workers, trials, seconds, spans):
+    trial_s = statistics.mean(t for _, t, _ in spans)
+    overhead = statistics.mean(span / n - t for span, t, n in spans)
+    wall = max(span for span, _, _ in spans)
+    runs = sum(n for _, _, n in spans)
+    per_hour = runs / wall * 3600
+    ideal = workers * 3600 / trial_s
+    print(f"{backend:>8} {workers:>4} {per_hour:>10.0f} {ideal:>8.0f} {per_hour / ideal:>6.1%} "
+          f"{trial_s:>9.2f} {overhead:>10.3f} {330 / (330 + overhead):>8.2%} "
+          f"{os.getloadavg()[0]:>5.1f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--loop", action="store_true", help="real loop.py workers, fixture trainer")
     ap.add_argument("--workers", default="1,2,4,8,16,32")
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--trials", type=int, default=5)
@@ -151,6 +208,28 @@ def main():
         server = Postgres(postgres_bindir())
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, trials of {args.seconds} s, "
           f"{args.trials} per worker")
+    if args.loop:
+        import prepare
+        cache = os.path.join(tempfile.gettempdir(), "bench-parallel-cache")
+        if not os.path.exists(os.path.join(cache, "current")):
+            assert prepare.main(["--profile", "smoke", "--synthetic-docs", "2000",
+                                 "--cache-dir", cache]) == 0
+        data_dir = os.path.join(cache, "prepared", open(os.path.join(cache, "current")).read().strip())
+        print(f"\nthe loop: one loop.py process per worker\n{'backend':>8} {'wkrs':>4} "
+              f"{'trials/h':>10} {'ideal':>8} {'eff':>6} {'trainer s':>9} {'overhead s':>10} "
+              f"{'eff@330s':>8} {'load':>5}", flush=True)
+        try:
+            for backend in backends:
+                for workers in [int(w) for w in args.workers.split(",")]:
+                    work = tempfile.mkdtemp(prefix="bench-par-")
+                    url = (f"sqlite:///{work}/study.db" if backend == "sqlite"
+                           else server.create_database(f"l{workers}_{int(time.time() * 1000)}"))
+                    spans = loop_workers(url, workers, args.trials, args.seconds, data_dir)
+                    loop_report(backend, workers, args.trials, args.seconds, spans)
+        finally:
+            if server:
+                server.close()
+        return
     try:
         if args.workers:
             header("one process per worker, results.tsv rewritten after every trial")

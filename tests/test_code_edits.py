@@ -88,7 +88,7 @@ def test_kept_edits_accumulate_in_train_py(code_work):
     fake.script = [edit("+ 0.01 * DEPTH", "+ 0.001 * DEPTH", "a smaller depth penalty"),
                    edit("MATRIX_LR = 0.04 ", "MATRIX_LR = 0.08 ", "toward the optimum")]
     row = driver.step(1)
-    assert row["description"] == "llm code: a smaller depth penalty (+1 -1 lines) [120 tokens]"
+    assert row["description"].startswith("llm code: a smaller depth penalty (+1 -1 lines) [120 tokens, ")
     assert row["status"] == "keep" and row["changes"] == {}
     trial_py = open(work / "runs" / "0001" / "train.py").read()
     assert open("train.py").read() == trial_py != base  # the keep replaced train.py whole

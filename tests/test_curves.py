@@ -84,7 +84,8 @@ def test_real_logs(name, steps, losses, signal):
 
 
 def test_the_real_train_py_on_the_smoke_profile(tmp_path, smoke_data):
-    code, out = run_train(tmp_path, smoke_data)
+    # a fixed number of steps: a loaded machine may fit only one step into a short budget
+    code, out = run_train(tmp_path, smoke_data, env={"AUTORESEARCH_STEPS": "20"})
     assert code == 0, out[-2000:]
     curve = curve_of(out)
     assert curve.steps == int(parse_summary(out)["num_steps"]) and curve.tok_s > 0

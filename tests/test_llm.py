@@ -28,14 +28,20 @@ def test_valid_json_and_a_fenced_answer(llm_work):
     fake.script = [ok({"MATRIX_LR": 0.08}, "higher LR trains faster"),
                    "Sure! Here is my proposal:\n```json\n" + ok({"DEPTH": 1}) + "\n```\nGood luck."]
     row = driver.step(1)
-    assert row["description"].startswith("llm: higher LR trains faster [120 tokens]")
+    assert row["description"].startswith("llm: higher LR trains faster [120 tokens, ")
     assert row["params"]["MATRIX_LR"] == 0.08 and row["status"] == "keep"
     row = driver.step(2)
     assert row["description"].startswith("llm: because") and row["params"]["DEPTH"] == 1
     prompt = fake.requests[0]["body"]["messages"][1]["content"]
     assert "MATRIX_LR: number from 0.01 to 0.32 (log scale)" in prompt
     assert "val_bpb 1." in prompt and "constraint: TOTAL_BATCH_SIZE" in prompt
-    assert fake.requests[0]["body"]["response_format"]["type"] == "json_schema"
+    fmt = fake.requests[0]["body"]["response_format"]
+    assert fmt["type"] == "json_schema"  # the strongest format first
+    allowed = fmt["json_schema"]["schema"]["properties"]["changes"]["properties"]
+    assert allowed["DEPTH"] == {"enum": [1, 2, 3]} and allowed["MATRIX_LR"]["maximum"] == 0.32
+    proposal = json.load(open(work / "runs" / "0001" / "proposal.json"))
+    assert proposal["outcome"] == "valid" and proposal["tokens"] == 120
+    assert proposal["format"] == "json_schema" and proposal["seconds"] >= 0
     assert fake.requests[0]["auth"] == f"Bearer {SECRET}"
 
 
@@ -77,7 +83,7 @@ def test_429_is_retried_by_the_client(llm_work):
 
 def test_a_hung_endpoint_times_out_and_the_loop_goes_on(llm_work):
     driver, fake, work = llm_work
-    driver.proposer.client = driver.proposer.client.with_options(max_retries=0)
+    driver.proposer.chat.client = driver.proposer.chat.client.with_options(max_retries=0)
     fake.script = [{"hang": 3}]
     t0 = time.time()
     row = driver.step(1)
@@ -85,19 +91,21 @@ def test_a_hung_endpoint_times_out_and_the_loop_goes_on(llm_work):
     assert time.time() - t0 < 20 and row["status"] in ("keep", "discard")
 
 
-def test_endpoint_without_structured_output(llm_work):
+def test_endpoint_without_json_schema_steps_down_without_losing_the_answer(llm_work):
     driver, fake, work = llm_work
     fake.script = [{"status": 400, "body": "response_format json_schema is not supported"},
                    ok({"DEPTH": 3}), ok({"DEPTH": 1})]
-    assert driver.step(1)["params"]["DEPTH"] == 3
+    row = driver.step(1)
+    assert row["params"]["DEPTH"] == 3 and row["description"].startswith("llm: ")
     driver.step(2)
-    assert "response_format" in fake.requests[0]["body"]
-    assert all("response_format" not in r["body"] for r in fake.requests[1:])
+    formats = [r["body"].get("response_format", {}).get("type") for r in fake.requests]
+    assert formats == ["json_schema", "json_object", "json_object"]  # remembered for the run
+    assert "DEPTH" in json.dumps(fake.requests[1]["body"]["response_format"]["schema"])
 
 
 def test_call_cap_and_the_key_is_written_nowhere(llm_work):
     driver, fake, work = llm_work
-    driver.proposer.max_calls = 2
+    driver.proposer.chat.max_calls = 2
     fake.script = [ok({"DEPTH": 3}), ok({"DEPTH": 1}), ok({"MATRIX_LR": 0.2})]
     descriptions = [driver.step(t)["description"] for t in (1, 2, 3)]
     assert descriptions[0].startswith("llm: ") and descriptions[1].startswith("llm: ")
@@ -156,3 +164,20 @@ def test_the_prompt_shows_means_run_counts_and_the_noise():
     assert "about 0.014142 val_bpb" in twice and "mean of 2 runs" in twice
     assert "1.010000 +-0.0141 over 2 runs  incumbent" in twice
     assert "0.990000 over 1 run  racing" in twice
+
+
+def test_the_prompt_carries_curves_and_the_report_sums_the_cost(llm_work):
+    from autoresearch import report
+    driver, fake, work = llm_work
+    fake.script = [ok({"MATRIX_LR": 0.08}), ok({"DEPTH": 1}), "not json", "still not json"]
+    for t in (1, 2, 3):
+        driver.step(t)
+    prompt = fake.requests[1]["body"]["messages"][1]["content"]
+    assert "curve: smoothed train loss at 10, 25, 50, 75 and 100%" in prompt
+    assert "loss 6.00 5.50 5.00 4.50 4.00, 5 steps, 1.0k tok/s, improving" in prompt
+    assert json.load(open(work / "runs" / "0001" / "curve.json"))["signal"] == "improving"
+    df = report.load_results(str(work / "results.tsv"))
+    text = report.format_summary(report.summarize(df, results_dir=str(work)))
+    assert "llm cost (llm): 3 proposals, 480 tokens" in text  # 120 + 120 + 2 x 120 (repair)
+    assert "valid 2, after repair 0, fell back 1" in text
+    assert "incumbent's latest run: loss 6.00" in text

@@ -116,3 +116,91 @@ def test_a_missing_server_package_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(local_llm.LocalLLMError, match=r"missing: .*no_such_pkg_x.*pip install"):
         with local_llm.serve(str(tmp_path / "m.gguf")):
             pass
+
+
+# --- the LLM strategies end to end, with the real model ---------------------------------------
+
+def loop_with_model(tmp_path, smoke_data, args):
+    """loop.py on the fixture trainer (fast, known answers) with the real model proposing;
+    a key in the environment that must end up in no file."""
+    import shutil
+    import subprocess
+    import sys
+    from conftest import FAKE, FAKE_SPACE, ROOT, SECRET
+    shutil.copy(FAKE, tmp_path / "train.py")
+    (tmp_path / "search_space.yaml").write_text(FAKE_SPACE)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "loop.py"), "--judge", "threshold",
+         "--baseline-runs", "1", "--llm-timeout", "900", *args], cwd=tmp_path, timeout=1800,
+        capture_output=True, text=True,
+        env=dict(os.environ, AUTORESEARCH_DATA=smoke_data.dir, OPENAI_API_KEY=SECRET))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for root, _, files in os.walk(tmp_path):
+        for name in files:
+            assert SECRET.encode() not in open(os.path.join(root, name), "rb").read(), name
+    import pandas as pd
+    df = pd.read_csv(tmp_path / "results.tsv", sep="\t")
+    proposals = {int(t): json.load(open(tmp_path / "runs" / f"{int(t):04d}" / "proposal.json"))
+                 for t in df.trial[1:] if (tmp_path / "runs" / f"{int(t):04d}" / "proposal.json").exists()}
+    return proc.stdout + proc.stderr, df, proposals
+
+
+def check_proposals(df, proposals, prefix):
+    """What the real model did, row by row: a proposal it made (its cost recorded, its values
+    in the space), or a fallback whose reason is given."""
+    for t, desc in zip(df.trial[1:], df.description[1:]):
+        p = proposals[int(t)]
+        assert p["calls"] >= 1 and p["tokens"] > 0 and p["seconds"] > 0
+        assert p["format"] == "json_object+schema" and p["model"].startswith("SmolLM2")
+        if p["outcome"] == "fallback":
+            assert desc.startswith(f"{prefix}llm fallback (") and p["reason"]
+        else:
+            assert desc.startswith(f"{prefix}llm") and f"[{p['tokens']} tokens, " in desc
+
+
+@pytest.mark.real_llm
+def test_llm_strategy_with_the_local_model_served_by_the_loop(llama_server, tmp_path, smoke_data):
+    out, df, proposals = loop_with_model(
+        tmp_path, smoke_data, ["--strategy", "llm", "--trials", "4",
+                               "--llm-gguf", local_llm.default_model_path()])
+    assert "served by llama.cpp at http://127.0.0.1:" in out
+    assert "llm endpoint: structured output as json_object+schema" in out
+    assert len(df) == 4 and (df.status != "crash").all() and set(proposals) == {1, 2, 3}
+    check_proposals(df, proposals, "")
+
+
+@pytest.mark.real_llm
+def test_centaur_with_the_local_model(llama_server, tmp_path, smoke_data):
+    out, df, proposals = loop_with_model(
+        tmp_path, smoke_data, ["--strategy", "centaur", "--trials", "5", "--llm-fraction", "0.5",
+                               "--llm-base-url", llama_server.url, "--llm-model",
+                               llama_server.model])
+    assert len(df) == 5 and (df.status != "crash").all()
+    by = [d.split(":")[0].split(" ")[0] for d in df.description[1:]]
+    assert "centaur/cmaes" in by and len(proposals) >= 2  # every other proposal is the model's
+    llm_rows = df[df.trial.isin(list(proposals))]
+    check_proposals(pd_concat(df.iloc[:1], llm_rows), proposals, "centaur/")
+
+
+def pd_concat(*frames):
+    import pandas as pd
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.mark.real_llm
+def test_code_mode_with_the_local_model(llama_server, tmp_path, smoke_data):
+    """A 135M model mostly writes unusable edits: each is caught (repair round, then a greedy
+    fallback that says why) or, if usable, runs from the trial's own copy."""
+    out, df, proposals = loop_with_model(
+        tmp_path, smoke_data, ["--strategy", "llm", "--llm-scope", "code", "--trials", "3",
+                               "--llm-base-url", llama_server.url, "--llm-model",
+                               llama_server.model])
+    assert len(df) == 3 and set(proposals) == {1, 2}
+    for t, desc in zip(df.trial[1:], df.description[1:]):
+        p = proposals[int(t)]
+        assert p["tokens"] > 0 and p["prompt_chars"] > 1000  # the whole train.py was in it
+        diff = tmp_path / "runs" / f"{int(t):04d}" / "edit.diff"
+        if p["outcome"] == "fallback":
+            assert desc.startswith("llm fallback (") and not diff.exists()
+        else:
+            assert desc.startswith("llm code: ") and diff.exists()

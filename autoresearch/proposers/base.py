@@ -32,7 +32,8 @@ class Context:
     source: str                 # the incumbent train.py
     defaults: dict              # the profile's values of constants train.py leaves at None
     check: Callable             # (params, source=None) -> why it cannot run, or None
-    running: list = field(default_factory=list)  # params other workers are running now
+    running: list = field(default_factory=list)  # jobs other workers are running now
+    curves: dict = field(default_factory=dict)   # config id -> its latest run's curve line
 
 
 def describe_changes(changes, best):

@@ -2,10 +2,12 @@
 
 The prompt carries the search space, the incumbent, every configuration tried so far sorted by
 its mean val_bpb with its run count and verdict (OPRO-style: the model sees what worked, and how
-sure the loop is of it), the noise floor, and recent crashes with their reasons. The
-answer is asked for as JSON (a JSON schema where the endpoint supports structured output), parsed
-leniently (markdown fences, prose around it), and every value is checked against the space and
-the constraints. A bad answer gets one repair round; then the trial falls back to a numeric
+sure the loop is of it), the training curves of the best and latest runs, the noise floor, and
+recent crashes with their reasons. The answer is asked for as JSON in the strongest
+structured-output format the endpoint takes (chat.py negotiates it; the schema names every
+searched constant with its allowed values, so an endpoint that enforces schemas answers inside
+the space), parsed leniently (markdown fences, prose around it), and every value is checked
+against the space and the constraints. A bad answer gets one repair round; then the trial falls back to a numeric
 strategy and its description says so. The text of an answer is only ever data: values go into
 train.py as literals through the syntax-tree patcher, never as code.
 
@@ -15,10 +17,11 @@ client object: it is never logged, written, or passed to a training run.
 """
 import json
 import math
-import os
+
 import re
 
-from autoresearch import edits
+from autoresearch import curves, edits
+from autoresearch.chat import BudgetSpent, Chat, proposal_schema
 from autoresearch.history import CODE_PREFIX, CODE_STRATEGY
 from autoresearch.proposers.base import Candidate, Proposer, describe_changes
 from autoresearch.proposers.simple import GreedyProposer
@@ -29,8 +32,6 @@ the next trial as changes to a few constants of the best configuration so far. U
 constants and values the search space allows. Answer with one JSON object:
 {"changes": {"CONSTANT": value, ...}, "rationale": "one short sentence"}"""
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["changes", "rationale"],
-          "properties": {"changes": {"type": "object"}, "rationale": {"type": "string"}}}
 
 SYSTEM_CODE = """You improve train.py, the training script of a small GPT language model. Each
 trial trains for a fixed time budget and reports val_bpb (validation bits per byte, lower is
@@ -72,7 +73,8 @@ def extract_json(text):
     if not text or not text.strip():
         raise LLMError("the answer was empty")
     fenced = re.findall(r"```(?:json)?\s*(.*?)```", text, re.S)
-    decoder = json.JSONDecoder()
+    # strict=False: grammar-constrained local models put raw newlines inside strings
+    decoder = json.JSONDecoder(strict=False)
     for candidate in fenced + [text]:
         for start in [m.start() for m in re.finditer(r"\{", candidate)]:
             try:
@@ -115,28 +117,24 @@ class LLMProposer(Proposer):
 
     def __init__(self, space, seed=0, base_url=None, model=None, key_env="OPENAI_API_KEY",
                  timeout=60.0, max_retries=3, max_calls=200, max_tokens=2_000_000,
-                 history=30, scope="params", client=None):
+                 history=30, scope="params", client=None, log=print):
         super().__init__(space, seed)
         if scope not in SCOPES:
             raise ValueError(f"llm scope must be one of {', '.join(SCOPES)}, not {scope!r}")
         self.scope = scope
         self.fallback = GreedyProposer(space, seed)
-        self.model = model or os.environ.get("AUTORESEARCH_LLM_MODEL") or "gpt-4o-mini"
-        self.max_calls, self.max_tokens, self.history = max_calls, max_tokens, history
-        self.calls = self.tokens = 0
-        self.structured = True  # until the endpoint says it does not do JSON schemas
+        self.history = history
+        self.chat = Chat(base_url, model, key_env, timeout, max_retries, max_calls, max_tokens,
+                         client=client, log=log)
+        self.model = self.chat.model
+        self.schema = proposal_schema(space)  # every value the space allows, and only those
         self.gave_up = None     # why the current trial fell back to the numeric strategy
         self.context_note = ""  # extra context another strategy shares (centaur: CMA-ES state)
-        if client is None:
-            import openai
-            base_url = base_url or os.environ.get("OPENAI_BASE_URL")
-            key = os.environ.get(key_env) or ("unused" if base_url else None)
-            if not key:
-                raise ValueError(f"the llm strategy needs an API key in ${key_env} (or a local "
-                                 f"--llm-base-url, which needs none)")
-            client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout,
-                                   max_retries=max_retries)
-        self.client = client
+        self._asked = []        # the replies of the proposal being made
+
+    @property
+    def tokens(self):
+        return self.chat.tokens
 
     # --- prompt ---------------------------------------------------------------------------------
 
@@ -150,7 +148,10 @@ class LLMProposer(Proposer):
         parts = [f"Configurations so far, best mean first ({len(measured)} measured, showing "
                  f"{min(len(measured), self.history)}): mean val_bpb, runs behind it, verdict, "
                  f"{'what changed' if code else 'configuration'}:"]
-        for c in measured[:self.history]:
+        shown = measured[:self.history]
+        recent = sorted(measured, key=lambda c: c.last_trial)[-5:]
+        with_curve = {c.id for c in shown[:5] + recent}  # the best and the latest: their curves
+        for c in shown + [c for c in recent if c not in shown]:
             spread = f" +-{c.std:.4f}" if c.std is not None else ""
             verdict = {"keep": "kept", "retest": "racing"}.get(c.status, c.status)
             if _jsonable(c.params) == incumbent_params and c.status == "keep":
@@ -158,6 +159,10 @@ class LLMProposer(Proposer):
             what = c.description if code else json.dumps(_jsonable(c.params), sort_keys=True)
             parts.append(f"  {c.mean:.6f}{spread} over {c.n} run{'s' if c.n > 1 else ''}  "
                          f"{verdict:<9}  {what}")
+            if c.id in with_curve and ctx.curves.get(c.id):
+                parts.append(f"      {ctx.curves[c.id]}")
+        if any(ctx.curves.get(c) for c in with_curve):
+            parts.insert(1, f"  ({curves.LEGEND}; under the best and the latest)")
         if crashes:
             parts += ["", "Recent crashes (avoid what caused them):"]
             parts += [f"  {(c.errors or ['?'])[-1]}: "
@@ -195,27 +200,13 @@ class LLMProposer(Proposer):
             "Propose the next trial: one focused change to train.py, as search/replace edits."]
         return "\n".join(parts)
 
-    def ask(self, messages, schema):
-        if self.calls >= self.max_calls or self.tokens >= self.max_tokens:
-            raise LLMError(f"budget spent ({self.calls} calls, {self.tokens} tokens)")
-        self.calls += 1
-        kwargs = dict(model=self.model, messages=messages, temperature=0.7)
-        if self.structured:
-            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "proposal", "schema": schema, "strict": False}}
-        import openai
+    def ask(self, messages, schema, answer_tokens):
         try:
-            resp = self.client.chat.completions.create(**kwargs)
-        except openai.BadRequestError as e:
-            message = str(e).lower()
-            if not self.structured or ("response_format" not in message and "json" not in message):
-                raise
-            self.structured = False  # plain JSON-in-text from now on
-            kwargs.pop("response_format")
-            resp = self.client.chat.completions.create(**kwargs)
-        if resp.usage is not None:
-            self.tokens += resp.usage.total_tokens or 0
-        return (resp.choices[0].message.content or "") if resp.choices else ""
+            reply = self.chat.complete(messages, schema, answer_tokens)
+        except BudgetSpent as e:
+            raise LLMError(str(e)) from None
+        self._asked.append(reply)
+        return reply.text
 
     # --- proposing ------------------------------------------------------------------------------
 
@@ -259,25 +250,27 @@ class LLMProposer(Proposer):
         if self.scope == "code":
             messages = [{"role": "system", "content": SYSTEM_CODE},
                         {"role": "user", "content": self.prompt_code(ctx)}]
-            schema, parse = SCHEMA_CODE, self.parse_code
+            schema, parse, answer_tokens = SCHEMA_CODE, self.parse_code, 4096
         else:
             messages = [{"role": "system", "content": SYSTEM},
                         {"role": "user", "content": self.prompt(ctx)}]
-            schema, parse = SCHEMA, self.parse
-        tokens0, problem = self.tokens, None
+            schema, parse, answer_tokens = self.schema, self.parse, 400
+        self._asked, problem = [], None
+        prompt_chars = len(messages[1]["content"])
         for attempt in range(2):  # the answer, then one repair round
             text = ""
             try:
-                text = self.ask(messages, schema)
+                text = self.ask(messages, schema, answer_tokens)
                 params, changes, rationale, source = parse(text, ctx)
-                used = self.tokens - tokens0
+                meta = self._meta("repaired" if attempt else "valid", prompt_chars)
+                cost = f"[{meta['tokens']} tokens, {meta['seconds']:.1f} s]"
                 if source is None:
-                    desc = f"llm: {rationale or describe_changes(changes, ctx.best)} [{used} tokens]"
-                    return Candidate(params, changes, desc, meta={"tokens": used})
+                    desc = f"llm: {rationale or describe_changes(changes, ctx.best)} {cost}"
+                    return Candidate(params, changes, desc, meta=meta)
                 patch, added, removed = edits.diff(ctx.source, source)
                 desc = (f"{CODE_PREFIX} {rationale or 'an edit'} (+{added} -{removed} lines) "
-                        f"[{used} tokens]")
-                return Candidate(params, changes, desc, meta={"tokens": used, "diff": patch},
+                        f"{cost}")
+                return Candidate(params, changes, desc, meta=meta | {"diff": patch},
                                  source=source, strategy=CODE_STRATEGY)
             except LLMError as e:
                 problem = str(e)
@@ -290,7 +283,19 @@ class LLMProposer(Proposer):
                 problem = type(e).__name__
                 break
         self.gave_up = problem
-        return self._fallback(ctx, problem)
+        cand = self._fallback(ctx, problem)
+        cand.meta |= self._meta("fallback", prompt_chars) | {"reason": problem}
+        return cand
+
+    def _meta(self, outcome, prompt_chars):
+        """What this proposal cost and how it went, kept beside the trial's log."""
+        asked = self._asked
+        return {"llm": True, "outcome": outcome, "calls": len(asked),
+                "tokens": sum(r.tokens for r in asked),
+                "prompt_tokens": sum(r.prompt_tokens for r in asked),
+                "seconds": round(sum(r.seconds for r in asked), 3),
+                "format": asked[-1].format if asked else None, "prompt_chars": prompt_chars,
+                "model": self.model}
 
     def tell(self, candidate, config):
         self.gave_up = None
