@@ -50,14 +50,13 @@ class ThresholdJudge:
 class NoiseJudge:
     name = "noise"
 
-    def __init__(self, confidence=0.95, max_runs=3, min_runs=2, drop=0.0, incumbent_runs=6,
-                 confirm=False):
+    def __init__(self, confidence=0.95, max_runs=3, min_runs=2, drop=0.0, incumbent_runs=6):
         if not 0.5 < confidence < 1:
             raise ValueError("confidence must be between 0.5 and 1")
         if not 1 <= min_runs <= max_runs:
             raise ValueError("need 1 <= min_runs <= max_runs")
         self.confidence, self.max_runs, self.min_runs = confidence, max_runs, min_runs
-        self.drop, self.incumbent_runs, self.confirm = drop, incumbent_runs, confirm
+        self.drop, self.incumbent_runs = drop, incumbent_runs
 
     def test(self, challenger, incumbent, noise):
         """(t statistic, its threshold) for 'the challenger's mean is below the incumbent's'."""
@@ -76,8 +75,7 @@ class NoiseJudge:
         t, needed = self.test(challenger, incumbent, noise)
         where = (f"mean {challenger.mean:.6f} over {n} vs {incumbent.mean:.6f} over "
                  f"{incumbent.n}, t {t:+.2f}")
-        if t >= needed and n >= self.min_runs and (not self.confirm or _rerun_mean(challenger)
-                                                    < incumbent.mean):
+        if t >= needed and n >= self.min_runs:
             return Verdict("keep", f"{where} >= {needed:.2f}")
         if t <= self.drop:
             return Verdict("discard", f"{where}: cannot plausibly beat the incumbent")
@@ -93,13 +91,6 @@ class NoiseJudge:
     def describe(self):
         return (f"noise: keep when the mean beats the incumbent's at {self.confidence:.0%} "
                 f"confidence, {self.min_runs}-{self.max_runs} runs per challenger")
-
-
-def _rerun_mean(config):
-    """The mean of a challenger's runs after its first, which chose it for a race and so is
-    lucky on average."""
-    rest = config.values[1:]
-    return sum(rest) / len(rest) if rest else config.mean
 
 
 def make_judge(name="noise", **options):

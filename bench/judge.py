@@ -157,7 +157,6 @@ def simulate(judge, loop, args, data_dir, null=False):
         driver = Driver(settings, log=lambda *a: None)
         if judge == "noise":
             driver.judge.drop, driver.judge.incumbent_runs = args.drop, args.incumbent_runs
-            driver.judge.confirm = args.confirm
         for _ in range(args.runs):
             driver.step()
         runs, configs = driver.runs, driver.configs
@@ -274,7 +273,6 @@ def main():
     ap.add_argument("--sigma-run", type=float, default=0.006, help="per-run noise")
     ap.add_argument("--gain", type=float, default=0.12, help="true gain the space allows")
     ap.add_argument("--max-runs", type=int, default=3)
-    ap.add_argument("--confirm", action="store_true")
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--drop", type=float, default=0.0)
     ap.add_argument("--incumbent-runs", type=int, default=6)
