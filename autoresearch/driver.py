@@ -139,26 +139,14 @@ class Driver:
             raise LoopError("--baseline-runs must be at least 1")
         self.code_mode = settings.strategy == "llm" and settings.llm.get("scope") == "code"
         asked = settings.time_budget or float(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 0)
-        grace = settings.grace if settings.grace is not None else None
-        if settings.storage:
-            limit = (asked or self.profile.time_budget) + (grace or 60.0)
-            try:
-                self.record = SharedRecord(
-                    settings.storage, settings.study, settings.results_path,
-                    # any worker may fail a trial held this long (a hung trainer, OOM retries)
-                    timeout=limit * (settings.oom_retries + 1) + 120,
-                    distributions=optuna_distributions(self.space),
-                    heartbeat_seconds=settings.heartbeat_seconds, grace=settings.lost_after)
-            except ValueError as e:
-                raise LoopError(str(e)) from None
-        else:
-            self.record = FileRecord(settings.results_path)
+        self.record = self._open_record(asked)
         # The budget is part of what makes runs comparable: a results file (or a study) keeps
         # the one it was started with (a resume needs no --budget), and refuses another.
         budget = asked or self.record.recorded().get("time_budget") or self.profile.time_budget
         self.record.bind(self.profile.name, self.data.meta["name"], float(budget))
         self.budget = float(budget)
-        self.time_limit = budget + (grace if grace is not None else max(60.0, 0.5 * budget))
+        self.time_limit = budget + (settings.grace if settings.grace is not None
+                                    else max(60.0, 0.5 * budget))
         self.trainer_env = dict(settings.trainer_env)
         if self.budget != self.profile.time_budget:
             self.trainer_env["AUTORESEARCH_TIME_BUDGET"] = f"{self.budget:g}"
@@ -175,6 +163,21 @@ class Driver:
         self.proposer.warm_start(self.proposal_context())
         # configs the proposer knows the verdict of; others' verdicts are told before it proposes
         self.told = {c.id for c in self.configs.values() if c.status in _DECIDED}
+
+    def _open_record(self, budget):
+        s = self.s
+        if not s.storage:
+            return FileRecord(s.results_path)
+        limit = (budget or self.profile.time_budget) + (s.grace if s.grace is not None else 60.0)
+        try:
+            return SharedRecord(
+                s.storage, s.study, s.results_path,
+                # any worker may fail a trial held this long (a hung trainer, OOM retries)
+                timeout=limit * (s.oom_retries + 1) + 120,
+                distributions=optuna_distributions(self.space),
+                heartbeat_seconds=s.heartbeat_seconds, grace=s.lost_after)
+        except ValueError as e:
+            raise LoopError(str(e)) from None
 
     # --- what the results say -----------------------------------------------------------------
 
