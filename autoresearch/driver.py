@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import prepare
 from autoresearch import edits
 from autoresearch import ledger as ledger_mod
+from autoresearch import sandbox as sandbox_mod
 from autoresearch.judge import ThresholdJudge
 from autoresearch.memory import oom_observations, shrink_to_fit
 from autoresearch.patch import patch_constants, read_constants
 from autoresearch.proposers import config_key, make_proposer
-from autoresearch.runner import Outcome, progress_of, run_trial
+from autoresearch.protocol import progress_of
+from autoresearch.runner import Outcome, run_trial
 from autoresearch.space import PROFILE_NAMES, load_space
 
 
@@ -45,6 +47,7 @@ class Settings:
     max_proposals: int = 500       # invalid or repeated candidates tolerated per trial
     trainer_env: dict = field(default_factory=dict)
     llm: dict = field(default_factory=dict)  # LLM proposer options: base_url, model, key_env...
+    sandbox: str = "auto"          # auto | on | off: see autoresearch/sandbox.py
 
 
 def _write_atomic(path, text):
@@ -99,6 +102,7 @@ class Driver:
         self.rows = self.ledger.rows()
         self.proposer.warm_start(self.rows)
         self._restore_best()
+        self._sandbox = None  # chosen (and announced) when the first trial runs
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -218,6 +222,15 @@ class Driver:
         raise LoopError(f"no new valid candidate in {self.s.max_proposals} proposals: the space "
                         f"looks exhausted or over-constrained")
 
+    @property
+    def sandbox(self):
+        if self._sandbox is None:
+            try:
+                self._sandbox = sandbox_mod.choose(self.s.sandbox, log=self.log) or False
+            except (sandbox_mod.SandboxError, ValueError) as e:
+                raise LoopError(str(e)) from None
+        return self._sandbox or None
+
     def run_trial(self, trial, params, on_line=None, base=None):
         """Run train.py (or `base`, a code edit's source) with `params`, retrying with half the
         micro-batch on OOM. Returns (outcome, trial source, note)."""
@@ -231,7 +244,7 @@ class Driver:
         for attempt in range(self.s.oom_retries + 1):
             source = patch_constants(base, changes)
             outcome = run_trial(trial_dir, source, self.time_limit, self.data.dir,
-                                self.trainer_env, on_line)
+                                self.trainer_env, on_line, sandbox=self.sandbox)
             if outcome.error != "oom" or attempt == self.s.oom_retries or not micro or micro < 2:
                 break
             os.replace(outcome.log, os.path.join(trial_dir, f"run.oom{attempt + 1}.log"))

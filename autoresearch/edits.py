@@ -10,20 +10,11 @@ summary against the budget and the profile, since a static check cannot see ever
 """
 import ast
 import difflib
-import re
 
 from autoresearch.patch import PatchError, read_constants
-from autoresearch.runner import SUMMARY_KEYS
+from autoresearch.protocol import PROTECTED, SUMMARY_KEYS
 
 CODE_PREFIX = "llm code:"  # how a code edit's row starts its description
-
-# Lines of the base train.py that an edit must leave as they are (matched per line).
-PROTECTED = (
-    re.compile(r"^(MAX_SEQ_LEN|TIME_BUDGET|FIXED_STEPS|PROFILE)\s*="),  # the profile's constants
-    re.compile(r"\bload_prepared\("),                                   # the prepared data
-    re.compile(r"\.evaluate_bpb\("),                                    # the metric
-    re.compile(r"""print\(f?["']val_bpb:"""),                           # its report
-)
 
 
 class EditError(ValueError):

@@ -8,7 +8,6 @@ from multiprocessing.connection import Connection
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import prepare
 from test_dataloader import oracle_rows
