@@ -1015,7 +1015,8 @@ class FixedEval:
                 try:
                     raw = conn.recv_bytes(expected)
                 except OSError:  # longer than asked for
-                    raise ContractError(f"protocol: an answer longer than {expected} bytes") from None
+                    raise ContractError(f"protocol: an answer longer than {expected} "
+                                        f"bytes") from None
                 if len(raw) != expected:
                     raise ContractError(f"protocol: {len(raw)} bytes of losses, not {expected}")
                 return np.frombuffer(raw, dtype="<f4").reshape(x.shape)
