@@ -20,6 +20,8 @@ PROTECTED = (
     re.compile(r"""print\(f?["']val_bpb:"""),                           # its report
 )
 
+EVAL_FD_ENV = "AUTORESEARCH_EVAL_FD"  # prepare.EVAL_FD_ENV: the evaluation socket's fd
+
 _PROGRESS = re.compile(r"^step (\d+) \| progress ([\d.]+) \| loss ([\d.]+)")
 EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*)$")
 

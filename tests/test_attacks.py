@@ -17,7 +17,7 @@ from conftest import ROOT, SECRET, FakeLLM
 from test_sandbox import DAEMON, Listener, running
 
 BWRAP, WHY_NOT = sandbox.probe()
-pytestmark = pytest.mark.skipif(BWRAP is None, reason=f"no sandbox here: {WHY_NOT}")
+needs_sandbox = pytest.mark.skipif(BWRAP is None, reason=f"no sandbox here: {WHY_NOT}")
 
 
 def edit(search, replace, rationale="a clever idea"):
@@ -32,6 +32,8 @@ def after_first_step(code):
 @pytest.fixture
 def attack(fake_llm_work, monkeypatch, tmp_path):
     """Run one scripted edit past the baseline; returns (row, work dir, train.py before)."""
+    if BWRAP is None:
+        pytest.skip(f"no sandbox here: {WHY_NOT}")
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
     driver, fake, work = fake_llm_work(timeout=2.0, max_retries=0, scope="code")
     before = open(work / "train.py").read()
@@ -109,6 +111,7 @@ def test_a_process_forked_to_outlive_the_trial_is_gone(attack):
     assert running(marker) == []
 
 
+@needs_sandbox
 def test_an_ordinary_edit_runs_and_is_kept_with_the_sandbox_on(fake_llm_work, monkeypatch,
                                                                 tmp_path):
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
@@ -121,6 +124,7 @@ def test_an_ordinary_edit_runs_and_is_kept_with_the_sandbox_on(fake_llm_work, mo
     assert "0.001 * DEPTH" in open(work / "train.py").read()
 
 
+@needs_sandbox
 def test_non_causal_attention_in_the_real_train_py_is_never_scored(tmp_path, smoke_data,
                                                                     monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
@@ -147,3 +151,23 @@ def test_non_causal_attention_in_the_real_train_py_is_never_scored(tmp_path, smo
     crashed(row, tmp_path, before, "error: contract: non-causal")
     log = open(tmp_path / "runs" / "0001" / "run.log").read()
     assert "ContractError: non-causal" in log and "\n---\n" not in log
+
+
+@pytest.mark.parametrize("search,replace,what", [
+    ("from prepare import PrepareError, load_prepared",
+     "from prepare import PrepareError, load_prepared, FixedEval", "prepare.FixedEval"),
+    ("    t_eval = time.time()\n",
+     "    t_eval = time.time()\n    data.evaluate_bpb = lambda m, b: 0.1\n",
+     "an assignment to evaluate_bpb"),
+    ("import torch  # noqa: E402\n", "import torch  # noqa: E402\nimport prepare  # noqa: E402\n"
+     "prepare.CHECK_TOLERANCE = 1e9\n", "import prepare"),
+    ("    t_eval = time.time()\n",
+     "    t_eval = time.time()\n    os.environ.pop('AUTORESEARCH_EVAL_FD')\n",
+     "AUTORESEARCH_EVAL_FD"),
+])
+def test_obvious_reaches_into_the_harness_are_refused_before_they_run(search, replace, what):
+    """Cheap static refusals (a repair round instead of a trial); the run is what enforces."""
+    from test_code_edits import check_real
+    from autoresearch.edits import EditError
+    with pytest.raises(EditError, match=f"prepare.py is the fixed harness.*{what}"):
+        check_real(search, replace)
