@@ -16,9 +16,9 @@ network or files; still the train-only view of the data (by path, not enforced),
 environment, the resource limits and the removal of every process the trial leaves behind. It is
 announced, never silent.
 
-In both, a small supervisor (this file run as a script, standard library only) starts the
-trainer as the subreaper of everything it forks, reports to the loop over a pipe the trainer does
-not hold whether anything outlived it, and removes what did. Resource limits (setrlimit) cap the
+In both, a small supervisor (supervisor.py) starts the trainer as the subreaper of everything it
+forks, reports to the loop over a pipe the trainer does not hold whether anything outlived it,
+and removes what did. Resource limits (setrlimit) cap the
 data segment (a runaway allocation fails as an oom, which the loop retries with a smaller batch),
 file size, core dumps and, for a non-root user, processes.
 """
@@ -36,6 +36,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from autoresearch.protocol import refused
+
 MODES = ("auto", "on", "off")
 # What a trainer needs of a prepared dataset; everything else there (the validation split, the
 # raw downloads beside it) stays out of its view.
@@ -49,7 +51,7 @@ SECRET_PATHS = ("~/.ssh", "~/.gnupg", "~/.aws", "~/.azure", "~/.config/gcloud", 
                 "~/.local/share/keyrings")
 GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri", "/dev/kfd")
 FLASH_ATTENTION_3 = "varunneal/flash-attention-3"  # what train.py loads on Hopper
-LEFTOVER_GRACE = 1.0   # seconds a child may take to exit after the trainer (compile workers do)
+SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py")
 SHM_BYTES = 1 << 30    # /dev/shm of an isolated trial (multiprocessing needs one)
 TRIAL_ENV = "AUTORESEARCH_TRIAL"  # marks every process of a trial, for the fallback's cleanup
 _NETWORK = re.compile(r"ConnectionRefused|Network is unreachable|Errno (101|111|113)\]|gaierror|"
@@ -170,8 +172,7 @@ class Sandbox:
         report_r, report_w = os.pipe()
         os.set_inheritable(report_w, True)
         env = dict(env, **{TRIAL_ENV: trial_id})
-        supervised = [sys.executable, "-I", "-S", os.path.abspath(__file__), str(report_w), "--",
-                      *argv]
+        supervised = [sys.executable, "-I", "-S", SUPERVISOR, str(report_w), "--", *argv]
         if self.isolated:
             tmp = os.path.join(trial_dir, "tmp")
             os.makedirs(tmp, exist_ok=True)
@@ -280,7 +281,6 @@ class Sandbox:
 
 
 def _refused(rule, detail):
-    from autoresearch.protocol import refused
     return refused(rule, detail[:200])
 
 
@@ -329,11 +329,14 @@ def _read_report(fd, timeout=5.0):
             chunks.append(chunk)
     finally:
         os.close(fd)
-    try:
-        data = json.loads(b"".join(chunks))
-        return Report(data.get("returncode"), [str(x) for x in data.get("leftover", [])][:20])
-    except ValueError:
-        return Report(missing=True)
+    report = Report(missing=True)
+    for line in b"".join(chunks).decode(errors="replace").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "returncode" and value.lstrip("-").isdigit():
+            report.returncode, report.missing = int(value), False
+        elif key == "leftover" and len(report.leftover) < 20:
+            report.leftover.append(value)
+    return report
 
 
 def _kill_marked(trial_id):
@@ -470,82 +473,3 @@ def prefetch_flash_attention(log=print, timeout=600):
     elif out.get("cache"):
         log(f"sandbox: FlashAttention-3 prefetched into {out['cache']}")
     return out.get("cache")
-
-
-# --- the supervisor: `python -I -S sandbox.py REPORT_FD -- ARGV...` -------------------------------
-
-def _children(pid):
-    """Processes whose parent is `pid` (Linux: from /proc; elsewhere: pgrep)."""
-    if os.path.isdir("/proc"):
-        kids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        stat = f.read()
-                    if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(entry))
-                except (OSError, ValueError, IndexError):
-                    pass
-        return kids
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip() or str(pid)
-    except OSError:
-        return str(pid)
-
-
-def _reap():
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def supervise(report_fd, argv):
-    """Run the trainer as the subreaper of everything it forks; once it exits, give its
-    children LEFTOVER_GRACE seconds to go, then kill the rest and report them."""
-    import ctypes
-    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-    if libc is not None:
-        libc.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans of the trial come here
-        libc.prctl(4, 0)   # PR_SET_DUMPABLE 0: the trainer cannot ptrace us or open our fds
-    os.set_inheritable(report_fd, False)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    trainer = subprocess.Popen(argv, close_fds=False, preexec_fn=die_with_parent)
-    try:  # the evaluation socket is the trainer's alone: it must close when the trainer exits
-        os.close(int(os.environ.get("AUTORESEARCH_EVAL_FD", "")))
-    except (ValueError, OSError):
-        pass
-    returncode = trainer.wait()
-    leftover, deadline = [], time.monotonic() + LEFTOVER_GRACE
-    for _ in range(100):
-        _reap()
-        kids = _children(os.getpid())
-        if not kids:
-            break
-        if time.monotonic() < deadline:
-            time.sleep(0.02)
-            continue
-        for pid in kids:  # their own children come to us next round
-            leftover.append(_cmdline(pid))
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.02)
-    os.write(report_fd, json.dumps({"returncode": returncode, "leftover": leftover}).encode())
-    os.close(report_fd)
-    return returncode if returncode >= 0 else 128 - returncode
-
-
-if __name__ == "__main__":
-    sys.exit(supervise(int(sys.argv[1]), sys.argv[3:]))
