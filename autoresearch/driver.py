@@ -47,7 +47,8 @@ class Settings:
     max_proposals: int = 500       # invalid or repeated candidates tolerated per trial
     trainer_env: dict = field(default_factory=dict)
     llm: dict = field(default_factory=dict)  # LLM proposer options: base_url, model, key_env...
-    sandbox: str = "auto"          # auto | on | off: see autoresearch/sandbox.py
+    # auto | on | off (autoresearch/sandbox.py); $AUTORESEARCH_SANDBOX until the CLI has a flag
+    sandbox: str = field(default_factory=lambda: os.environ.get("AUTORESEARCH_SANDBOX", "auto"))
 
 
 def _write_atomic(path, text):

