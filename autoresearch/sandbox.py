@@ -22,6 +22,7 @@ and removes what did. Resource limits (setrlimit) cap the
 data segment (a runaway allocation fails as an oom, which the loop retries with a smaller batch),
 file size, core dumps and, for a non-root user, processes.
 """
+import atexit
 import glob
 import json
 import os
@@ -207,7 +208,8 @@ class Sandbox:
         compile_cache = os.path.join(cache, "compile")
         os.makedirs(compile_cache, exist_ok=True)
         env["TMPDIR"] = os.path.join(trial_dir, "tmp")
-        env.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache)  # also Triton's, beneath it
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache)  # $HOME is read-only in here
+        env.setdefault("TRITON_CACHE_DIR", os.path.join(compile_cache, "triton"))
         env.setdefault("CUDA_CACHE_PATH", os.path.join(compile_cache, "cuda"))
         env["HF_HUB_OFFLINE"] = "1"  # no network: fail fast, use the prefetched kernel
         hidden = [p for p in ("/tmp", "/run", "/var/run", cache, data_dir,
@@ -254,6 +256,7 @@ class Sandbox:
         real = os.path.realpath(data_dir)
         if real not in self._views or not os.path.isdir(self._views[real]):
             view = tempfile.mkdtemp(prefix="autoresearch-train-only-")
+            atexit.register(shutil.rmtree, view, True)
             for name in TRAIN_FILES:
                 if os.path.exists(os.path.join(real, name)):
                     os.symlink(os.path.join(real, name), os.path.join(view, name))
@@ -451,8 +454,9 @@ def prefetch_flash_attention(log=print, timeout=600):
     """On a Hopper GPU, fetch FlashAttention-3 (train.py loads it through the `kernels` package,
     from the network) into the Hugging Face cache before the sandbox shuts the network; the
     sandbox then shows that cache read-only and sets HF_HUB_OFFLINE=1. Runs in a subprocess so
-    this process never initialises CUDA. Returns the cache directory, or None. Written for
-    H100/H200 but not yet run on one."""
+    this process never initialises CUDA; initialising it there once also makes the driver create
+    /dev/nvidia-uvm, which a sandboxed trainer could not. Returns the cache directory, or None.
+    Written for H100/H200 but not yet run on one."""
     if not glob.glob("/dev/nvidia[0-9]*"):
         return None
     code = (

@@ -250,3 +250,10 @@ def test_fallback_kills_a_double_forked_daemon(tmp_path, smoke_data, fallback):
     out = trial(tmp_path, fake_with(DAEMON.format(marker=marker)), smoke_data, fallback)
     assert out.error.startswith("error: sandbox: a process outlived the trial"), out.error
     assert running(marker) == []
+
+
+def test_one_name_for_the_evaluation_socket():
+    import prepare
+    from autoresearch import protocol
+    supervisor = open(sandbox.SUPERVISOR).read()
+    assert prepare.EVAL_FD_ENV == protocol.EVAL_FD_ENV and f'"{prepare.EVAL_FD_ENV}"' in supervisor
