@@ -430,7 +430,7 @@ def choose(mode="auto", log=print, limits=None):
         return None
     bwrap, why = probe()
     if bwrap is None and mode == "on":
-        raise SandboxError(f"--sandbox on, but {why}")
+        raise SandboxError(f"sandbox mode 'on', but {why}")
     box = Sandbox(bwrap, why or "", limits)
     if box.isolated:
         box.hub_cache = prefetch_flash_attention(log)

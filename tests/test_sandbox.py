@@ -217,6 +217,7 @@ def test_choose_announces_what_it_is_and_refuses_on_without_a_sandbox(monkeypatc
     assert sandbox.choose("off", log=said.append) is None and "off" in said[-1]
     with pytest.raises(ValueError, match="auto, on, off"):
         sandbox.choose("maybe")
+    monkeypatch.delenv("AUTORESEARCH_BWRAP", raising=False)
     monkeypatch.setattr(sandbox, "find_bwrap", lambda: None)
     with pytest.raises(sandbox.SandboxError, match="bwrap not found"):
         sandbox.choose("on", log=said.append)
