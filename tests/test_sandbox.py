@@ -225,6 +225,20 @@ def test_choose_announces_what_it_is_and_refuses_on_without_a_sandbox(monkeypatc
     assert not box.isolated and said[-1].startswith("sandbox: FALLBACK, trials are NOT isolated")
 
 
+@needs_bwrap
+def test_an_older_bwrap_gets_no_options_it_lacks(tmp_path):
+    """Ubuntu 22.04 ships bubblewrap 0.6.1, before --size; Debian 11 ships 0.4, before --perms."""
+    for version, size, perms in (("0.6.1", False, True), ("0.4.1", False, False),
+                                 ("0.8.0", True, True)):
+        old = tmp_path / f"bwrap-{version}"
+        old.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "bubblewrap {version}" && exit 0\n'
+                       f'exec {BWRAP} "$@"\n')
+        old.chmod(0o755)
+        args = sandbox._base_args(str(old))
+        assert ("--size" in args, "--perms" in args) == (size, perms)
+        assert sandbox.probe(str(old)) == (str(old), None)
+
+
 def test_a_bwrap_that_cannot_build_a_sandbox_is_detected(tmp_path):
     fake = tmp_path / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create a new namespace' >&2\n"
