@@ -196,7 +196,7 @@ def classify(lines, returncode, error="", served=None, sandbox=None, report=None
         last = next((line for line in reversed(lines) if line.strip()), "no output")
         return Outcome(False, protocol.refused("no report from the trial's supervisor", last[:200]),
                        {}, returncode)
-    if report and report.leftover:
+    if report and report.leftover and returncode == 0:  # else the trainer's own failure says more
         return Outcome(False, protocol.refused("a process outlived the trial",
                                                report.leftover[0][:200]), {}, returncode)
     fail = protocol.fail_reason(lines)

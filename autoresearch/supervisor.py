@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-LEFTOVER_GRACE = 1.0
+LEFTOVER_GRACE = 2.0  # inductor's compile workers are told to stop at exit, not waited for
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 SIGKILL = 9  # the same everywhere; `import signal` would cost this start-up 20 ms (enum)
 

@@ -166,6 +166,14 @@ def test_a_process_that_outlives_the_trial_is_killed_and_named(tmp_path, smoke_d
     assert running(marker) == []
 
 
+def test_a_crash_is_named_by_its_own_error_and_its_leftovers_go_all_the_same(tmp_path,
+                                                                            smoke_data, box):
+    marker = f"outlive-{uuid.uuid4().hex}"
+    code = DAEMON.format(marker=marker) + "raise ValueError('boom')"
+    out = trial(tmp_path, fake_with(code), smoke_data, box)
+    assert out.error == "error: ValueError: boom" and running(marker) == []
+
+
 @pytest.mark.parametrize("mode", ["isolated", "fallback"])
 def test_killing_the_supervisor_is_caught(tmp_path, smoke_data, box_or_fallback, mode):
     out = trial(tmp_path, fake_with("os.kill(os.getppid(), 9)\ntime.sleep(5)"), smoke_data,
