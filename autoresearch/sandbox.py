@@ -18,16 +18,18 @@ announced, never silent.
 
 In both, a small supervisor (supervisor.py) starts the trainer as the subreaper of everything it
 forks, reports to the loop over a pipe the trainer does not hold whether anything outlived it,
-and removes what did. Resource limits (setrlimit) cap the
-data segment (a runaway allocation fails as an oom, which the loop retries with a smaller batch),
-file size, core dumps and, for a non-root user, processes.
+and removes what did. Resource limits (setrlimit) cap the data segment (a runaway allocation
+fails as an oom, which the loop retries with a smaller batch), file size, core dumps and, for a
+non-root user, processes.
 """
 import atexit
+import ctypes
 import functools
 import glob
 import json
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -99,8 +101,8 @@ class Limits:
                 f"{_gib(self.file_size) if self.file_size else 'unlimited'}, no core dumps")
 
     def apply(self, tasks_now=0):
-        """In the trial's first process, before exec: soft and hard, so it cannot raise them."""
-        import resource
+        """In the trial's first process, before exec: soft and hard, so it cannot raise them.
+        (Runs between fork and exec: it imports nothing.)"""
         pairs = [(resource.RLIMIT_CORE, 0)]
         if self.memory:
             pairs.append((resource.RLIMIT_DATA, self.memory))
@@ -361,15 +363,14 @@ def _kill_marked(trial_id):
     return names
 
 
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
 def die_with_parent():
     """Linux: if the loop itself is killed (kill -9), the kernel kills the trainer too, so no
-    orphan keeps the GPU busy while the loop is restarted."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    orphan keeps the GPU busy while the loop is restarted. (Runs between fork and exec.)"""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # --- choosing a sandbox ---------------------------------------------------------------------------
@@ -461,12 +462,8 @@ def choose(mode="auto", log=print, limits=None):
 
 def _become_subreaper():
     """Fallback: orphans of a trial whose supervisor was killed come to the loop, not init."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
-        except (OSError, AttributeError):
-            pass
+    if _LIBC is not None:
+        _LIBC.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
 
 
 def prefetch_flash_attention(log=print, timeout=600):
