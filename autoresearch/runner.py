@@ -71,9 +71,9 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
     full_env = clean_env(data_dir, env)
     full_env[prepare.EVAL_FD_ENV] = str(theirs.fileno())
     argv = [sys.executable, "train.py"]
-    launch = sandbox.launch(argv, trial_dir, data_dir, full_env) if sandbox else None
     previous = _catch_interrupt(stop)
     try:
+        launch = sandbox.launch(argv, trial_dir, data_dir, full_env) if sandbox else None
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
                 launch.argv if launch else argv, cwd=trial_dir,
