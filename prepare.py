@@ -970,14 +970,7 @@ class FixedEval:
         # always changes: a model that peeks one token ahead reads exactly that one.
         p = int(np.random.default_rng().integers(T // 4, 3 * T // 4 + 1))
         changed = min(2, n)
-        probe = x.copy()
-        for i in range(changed):  # tokens from the last rows (or, with one row, shifted)
-            donor = len(self.rows) - 1 - i
-            tail = self.rows[donor, :-1].astype(np.int64) if donor >= n else np.roll(x[i], T // 2)
-            probe[i, p + 1:] = tail[p + 1:]
-            if probe[i, p + 1] == x[i, p + 1]:
-                probe[i, p + 1] = (x[i, p + 1] + 1) % len(self.token_bytes)
-        got = self._checked(score(probe, y), (n, T))
+        got = self._checked(score(self.probe(x, p, changed), y), (n, T))
         if n >= 3:  # the unchanged rows of the probe are the repeats
             repeated, expected = got[changed:], nats[changed:]
         else:       # too few rows to share one batch: the repeats come in a batch of their own
@@ -986,6 +979,18 @@ class FixedEval:
                       "losses (the model changed while it was evaluated)")
         self._compare(got[:changed, :p + 1], nats[:changed, :p + 1], "non-causal: the loss at "
                       f"positions up to {p} changed when only the inputs after them did")
+
+    def probe(self, x, p, changed):
+        """x with the inputs after position p replaced in its first `changed` rows."""
+        n, T = x.shape
+        probe = x.copy()
+        for i in range(changed):  # tokens from the last rows (or, with one row, shifted)
+            donor = len(self.rows) - 1 - i
+            tail = self.rows[donor, :-1].astype(np.int64) if donor >= n else np.roll(x[i], T // 2)
+            probe[i, p + 1:] = tail[p + 1:]
+            if probe[i, p + 1] == x[i, p + 1]:
+                probe[i, p + 1] = (x[i, p + 1] + 1) % len(self.token_bytes)
+        return probe
 
     @staticmethod
     def _compare(got, expected, message):
