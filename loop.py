@@ -143,6 +143,11 @@ def main(argv=None):
                       help="a trial whose worker sent no heartbeat for this long is recorded as "
                       "a crash `lost` (default 60)")
     many.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--sandbox", choices=["auto", "on", "off"],
+                    default=os.environ.get("AUTORESEARCH_SANDBOX", "auto"),
+                    help="run each trial under bubblewrap: no network, no writes outside its "
+                    "directory, no validation data (auto: where it works, else an announced "
+                    "fallback; on: refuse to run without it; off: no isolation)")
     ap.add_argument("--git", action="store_true", help="commit each keep on autoresearch/<tag>")
     ap.add_argument("--tag", help="branch tag for --git (default: today, e.g. nov22)")
     ap.add_argument("--dry-run", action="store_true", help="print the candidates, run nothing")
@@ -185,6 +190,7 @@ def main(argv=None):
                         confidence=args.confidence, min_delta=args.min_delta,
                         git=args.git, tag=args.tag, time_budget=args.budget,
                         storage=args.storage, study=args.study, worker_slot=args.worker_slot,
+                        sandbox=args.sandbox,
                         heartbeat_seconds=args.heartbeat, lost_after=args.lost_after,
                         llm=dict(base_url=args.llm_base_url, model=args.llm_model,
                                  key_env=args.llm_key_env, timeout=args.llm_timeout,

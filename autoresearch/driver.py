@@ -20,13 +20,15 @@ from typing import Callable
 import prepare
 from autoresearch import curves, edits, history
 from autoresearch import ledger as ledger_mod
+from autoresearch import sandbox as sandbox_mod
 from autoresearch.judge import make_judge
 from autoresearch.memory import oom_observations, shrink_to_fit
 from autoresearch.patch import patch_constants, read_constants
 from autoresearch.proposers import LLM_STRATEGIES, Context, make_proposer
 from autoresearch.ratchet import GitRatchet, RatchetError, source_hash
 from autoresearch.record import FileRecord, SharedRecord, optuna_distributions
-from autoresearch.runner import Outcome, progress_of, run_trial
+from autoresearch.protocol import progress_of
+from autoresearch.runner import Outcome, run_trial
 from autoresearch.space import PROFILE_NAMES, load_space
 
 
@@ -63,6 +65,8 @@ class Settings:
     lost_after: float = 60.0       # shared study: silence after which a trial is crash `lost`
     poll_seconds: float = 5.0      # how often a worker with nothing to run looks again
     run_fn: Callable = None        # runs one trial (default runner.run_trial); benchmarks swap it
+    # auto | on | off (autoresearch/sandbox.py); default $AUTORESEARCH_SANDBOX, else auto
+    sandbox: str = field(default_factory=lambda: os.environ.get("AUTORESEARCH_SANDBOX", "auto"))
 
 
 @dataclass
@@ -157,6 +161,7 @@ class Driver:
         except RatchetError as e:
             raise LoopError(str(e)) from None
         self.pending = {}  # config id -> the proposer's candidate, while its race runs
+        self._sandbox = None  # chosen (and announced) when the first trial runs
         self.reload()
         self.base_seed = self._base_seed(seed)
         self._restore_incumbent()
@@ -460,6 +465,17 @@ class Driver:
 
     # --- run ----------------------------------------------------------------------------------
 
+    @property
+    def sandbox(self):
+        """The sandbox trials run in (None: off), chosen and announced at the first trial, so
+        --dry-run and --trials 0 stay quiet."""
+        if self._sandbox is None:
+            try:
+                self._sandbox = sandbox_mod.choose(self.s.sandbox, log=self.log) or False
+            except (sandbox_mod.SandboxError, ValueError) as e:
+                raise LoopError(str(e)) from None
+        return self._sandbox or None
+
     def run_job(self, trial, job, on_line=None):
         """Train the job's source, retrying with half the micro-batch on OOM. Returns (outcome,
         the source that ran last, a note for the description)."""
@@ -470,7 +486,7 @@ class Driver:
         first_micro = micro = self.effective(source).get("DEVICE_BATCH_SIZE")
         for attempt in range(self.s.oom_retries + 1):
             outcome = self.run_fn(trial_dir, source, self.time_limit, self.data.dir,
-                                  self.trainer_env, on_line)
+                                  self.trainer_env, on_line, sandbox=self.sandbox)
             if outcome.error != "oom" or attempt == self.s.oom_retries or not micro or micro < 2:
                 break
             os.replace(outcome.log, os.path.join(trial_dir, f"run.oom{attempt + 1}.log"))
@@ -510,7 +526,8 @@ class Driver:
         description = f"{job.description} ({note})" if note else job.description
         summary = outcome.summary
         row = {
-            "val_bpb": summary.get("val_bpb", 0.0),
+            # as results.tsv records it (6 decimals), so a verdict can be redone from the file
+            "val_bpb": round(summary.get("val_bpb", 0.0), 6),
             "memory_gb": summary.get("peak_vram_mb", 0.0) / 1024, "status": "crash",
             "description": description, "trial": trial,
             "started_at": started or ledger_mod.now_iso(), "strategy": job.strategy,

@@ -6,32 +6,21 @@ evaluate_bpb call and the val_bpb it yields, and the summary block the runner pa
 lines must survive verbatim, val_bpb must be assigned exactly as often as before, and every
 summary key must still be printed. The constants block must stay patchable (one literal per
 searched constant) and inside the search space. After the run, `contract_violation` checks the
-summary against the budget and the profile, since a static check cannot see everything.
+summary against the budget and the profile, since a static check cannot see everything. Nor
+can it see through code written to evade it: what a trial may not do is enforced when it runs
+(the fixed evaluation in the loop's process, the sandbox); these checks only turn the obvious
+attempts into a repair round instead of a wasted trial.
 """
 import ast
 import difflib
-import re
 
 from autoresearch.patch import PatchError, read_constants
-from autoresearch.runner import SUMMARY_KEYS
+from autoresearch.protocol import EVAL_FD_ENV, PROTECTED, SUMMARY_KEYS
 
-CODE_PREFIX = "llm code:"  # how a code edit's row starts its description
-
-# Lines of the base train.py that an edit must leave as they are (matched per line).
-PROTECTED = (
-    re.compile(r"^(MAX_SEQ_LEN|TIME_BUDGET|FIXED_STEPS|PROFILE)\s*="),  # the profile's constants
-    re.compile(r"\bload_prepared\("),                                   # the prepared data
-    re.compile(r"\.evaluate_bpb\("),                                    # the metric
-    re.compile(r"""print\(f?["']val_bpb:"""),                           # its report
-)
 
 
 class EditError(ValueError):
     """An edit that cannot be used, with a reason the model can act on."""
-
-
-def is_code_edit(row):
-    return row.get("description", "").startswith(CODE_PREFIX)
 
 
 def apply_edits(source, edits):
@@ -73,6 +62,25 @@ def _assignments_to(tree, name):
     return count
 
 
+def _harness_uses(tree):
+    """What the file takes from the fixed harness: `from prepare import X`, `import prepare`,
+    `prepare.X`, and assignments that would replace part of it (`data.evaluate_bpb = ...`)."""
+    uses = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "prepare":
+            uses |= {f"prepare.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            uses |= {f"import {a.name}" for a in node.names if a.name.split(".")[0] == "prepare"}
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+              and node.value.id == "prepare"):
+            uses.add(f"prepare.{node.attr}")
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Attribute) and target.attr == "evaluate_bpb":
+                    uses.add("an assignment to evaluate_bpb")
+    return uses
+
+
 def check_edited(new, base, space, constants_default=None):
     """The searched constants of an edited train.py, or EditError saying what breaks the
     contract. constants_default maps a constant left at None to the profile's value."""
@@ -86,6 +94,11 @@ def check_edited(new, base, space, constants_default=None):
         if any(p.search(line) for p in PROTECTED) and new_lines.count(line) < base_lines.count(line):
             raise EditError(f"the line {line.strip()!r} is fixed (it makes trials comparable); "
                             f"leave it as it is")
+    added = _harness_uses(tree) - _harness_uses(ast.parse(base))
+    if added or new.count(EVAL_FD_ENV) > base.count(EVAL_FD_ENV):
+        what = ", ".join(sorted(added)) or EVAL_FD_ENV
+        raise EditError(f"prepare.py is the fixed harness: use only what train.py already takes "
+                        f"from it, unchanged (not {what})")
     if _assignments_to(tree, "val_bpb") != _assignments_to(ast.parse(base), "val_bpb"):
         raise EditError("val_bpb must come from evaluate_bpb alone; do not assign it elsewhere")
     printed = [s.lstrip() for s in _strings(tree)]

@@ -1,23 +1,26 @@
-"""Run one trial: its own directory, train.py as a subprocess in its own process group, a time
-limit, the log streamed live, the summary parsed, failures classified."""
+"""Run one trial: its own directory, train.py as a subprocess in its own process group (inside a
+sandbox when one is given), a time limit, the log streamed live, the fixed evaluation served from
+this process, the summary checked against it, failures classified."""
 import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+import prepare
+from autoresearch import protocol
+from autoresearch.sandbox import die_with_parent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-                "total_tokens_M", "num_steps", "num_params_M", "depth")
-FAIL_REASONS = ("nan", "diverged", "oom", "error")
 # Nothing secret reaches the trainer: it never needs an API key, and code mode runs LLM text.
 _SECRET = re.compile(r"(API_KEY|APIKEY|TOKEN|SECRET|PASSWORD)", re.I)
-_PROGRESS = re.compile(r"^step (\d+) \| progress ([\d.]+) \| loss ([\d.]+)")
-_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*)$")
+_fixed_evals = {}  # prepared directory -> its FixedEval: the validation rows are packed once
 
 
 @dataclass
@@ -40,9 +43,21 @@ def clean_env(data_dir=None, extra=None):
     return env
 
 
-def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=None):
-    """Write `source` as trial_dir/train.py, run it, and return an Outcome. Ctrl-C (SIGINT)
-    kills the whole process group and returns an 'interrupted' Outcome (the caller re-raises)."""
+def fixed_eval(data_dir=None):
+    """The fixed evaluation of a prepared dataset (default: the current one), built once."""
+    data = prepare.load_prepared(data_dir)
+    key = os.path.realpath(data.dir)
+    if key not in _fixed_evals:
+        _fixed_evals[key] = data.fixed_eval()
+    return data.dir, _fixed_evals[key]
+
+
+def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=None, sandbox=None):
+    """Write `source` as trial_dir/train.py, run it, and return an Outcome. val_bpb is the fixed
+    evaluation's, served from here; the trainer's printed one must only agree with it. `sandbox`
+    (autoresearch.sandbox.Sandbox, or None for none) confines the trainer. Ctrl-C (SIGINT) kills
+    the trial and returns an 'interrupted' Outcome (the caller re-raises)."""
+    data_dir, fixed = fixed_eval(data_dir)
     os.makedirs(trial_dir, exist_ok=True)
     script = os.path.join(trial_dir, "train.py")
     with open(script, "w") as f:
@@ -50,15 +65,27 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
     log_path = os.path.join(trial_dir, "run.log")
     t0 = time.time()
     lines = []
+    served = {}
     stop = threading.Event()
+    ours, theirs = socket.socketpair()
+    full_env = clean_env(data_dir, env)
+    full_env[prepare.EVAL_FD_ENV] = str(theirs.fileno())
+    argv = [sys.executable, "train.py"]
     previous = _catch_interrupt(stop)
     try:
+        launch = sandbox.launch(argv, trial_dir, data_dir, full_env) if sandbox else None
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "train.py"], cwd=trial_dir,
-                                    env=clean_env(data_dir, env), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, text=True, errors="replace",
-                                    bufsize=1, preexec_fn=die_with_parent)
+            proc = subprocess.Popen(
+                launch.argv if launch else argv, cwd=trial_dir,
+                env=launch.env if launch else full_env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                text=True, errors="replace", bufsize=1,
+                pass_fds=(theirs.fileno(), *(launch.pass_fds if launch else ())),
+                preexec_fn=launch.preexec if launch else die_with_parent)
+            theirs.close()
+            if launch:
+                launch.started()
+            conn = Connection(os.dup(ours.fileno()))
 
             def pump():  # a thread, so the time limit holds even when the trainer prints nothing
                 for line in proc.stdout:
@@ -68,21 +95,42 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
                     if on_line is not None:
                         on_line(line.rstrip("\n"))
 
+            def serve():
+                served["result"] = fixed.serve(conn)
+
             reader = threading.Thread(target=pump, daemon=True)
+            server = threading.Thread(target=serve, daemon=True)
             reader.start()
+            server.start()
             error = _wait(proc, time_limit, stop)
             if error:
                 kill_group(proc)
+            report = launch.finish(proc) if launch else None
+            _kill_leftovers(proc)
+            _hang_up(ours)
+            server.join(timeout=10)
+            conn.close()
             reader.join(timeout=10)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        theirs.close()
+        ours.close()
     if error == "interrupted":
         return Outcome(False, "interrupted", {}, proc.returncode, time.time() - t0, log_path)
-    outcome = classify(lines, proc.returncode, error)
+    returncode = report.returncode if report and report.returncode is not None else proc.returncode
+    outcome = classify(lines, returncode, error, served.get("result"), sandbox, report)
     outcome.wall_seconds = time.time() - t0
     outcome.log = log_path
     return outcome
+
+
+def _hang_up(sock):
+    """Unblock the evaluation thread if it still waits on a trainer that is gone."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _catch_interrupt(stop):
@@ -104,19 +152,8 @@ def _wait(proc, time_limit, stop):
             return "interrupted"
         if remaining <= 0:
             return "timeout"
-        stop.wait(min(0.1, remaining))
+        stop.wait(min(0.02, remaining))  # the loop notices the exit within 20 ms
     return "interrupted" if stop.is_set() else ""
-
-
-def die_with_parent():
-    """Linux: if the loop itself is killed (kill -9), the kernel kills the trainer too, so no
-    orphan keeps the GPU busy while the loop is restarted."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
 
 
 def kill_group(proc, grace=5.0):
@@ -133,56 +170,79 @@ def kill_group(proc, grace=5.0):
             continue
 
 
-def parse_summary(lines):
-    """The key: value block after the last '---' line, or {} if there is none."""
+def _kill_leftovers(proc):
+    """Whatever of the trial's process group outlived its first process (a child that was
+    not waited for) goes, so nothing keeps the log pipe or the GPU after the trial."""
     try:
-        start = len(lines) - 1 - lines[::-1].index("---")
-    except ValueError:
-        return {}
-    summary = {}
-    for line in lines[start + 1:]:
-        key, sep, value = line.partition(":")
-        if sep and key and not key.startswith(" "):
-            summary[key.strip()] = value.strip()
-    return summary
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
-def classify(lines, returncode, error=""):
+def classify(lines, returncode, error="", served=None, sandbox=None, report=None):
+    """The Outcome of a finished trainer: `served` is what the fixed evaluation concluded
+    ({"val_bpb": x}, {"error": reason}, or None if it never completed), `report` what the
+    sandbox saw (leftover processes), `sandbox` decides which refusals can be named."""
     if error:
         return Outcome(False, error, {}, returncode)
-    fails = [line[6:].strip() for line in lines if line.startswith("FAIL: ")]
-    if fails:
-        reason, _, detail = fails[-1].partition(" ")
-        if reason not in FAIL_REASONS:
-            reason, detail = "error", fails[-1]
-        return Outcome(False, reason if reason != "error" else f"error: {detail}".strip(), {},
+    if served and "error" in served:  # the trainer crashed on the ContractError it was told
+        reason = served["error"]
+        head = reason.split(":")[0]
+        short = head if head in ("non-causal", "stateful") else reason
+        detail = reason[len(head) + 1:].strip() if short == head else ""
+        return Outcome(False, protocol.contract(short + (f" ({detail})" if detail else "")), {},
                        returncode)
-    summary = parse_summary(lines)
+    if report and report.missing:
+        last = next((line for line in reversed(lines) if line.strip()), "no output")
+        return Outcome(False, protocol.refused("no report from the trial's supervisor", last[:200]),
+                       {}, returncode)
+    if report and report.leftover and returncode == 0:  # else the trainer's own failure says more
+        return Outcome(False, protocol.refused("a process outlived the trial",
+                                               report.leftover[0][:200]), {}, returncode)
+    fail = protocol.fail_reason(lines)
+    if fail:
+        return Outcome(False, fail, {}, returncode)
+    summary = protocol.parse_summary(lines)
     if returncode == 0:
-        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        missing = [k for k in protocol.SUMMARY_KEYS if k not in summary]
         if missing:
             what = "no summary block" if not summary else f"summary lacks {', '.join(missing)}"
             return Outcome(False, f"error: {what}", {}, returncode)
         try:
-            values = {k: float(summary[k]) for k in SUMMARY_KEYS}
+            values = {k: float(summary[k]) for k in protocol.SUMMARY_KEYS}
         except ValueError as e:
             return Outcome(False, f"error: unparsable summary ({e})", {}, returncode)
+        broken = _disagrees(lines, values["val_bpb"], served)
+        if broken:
+            return Outcome(False, protocol.contract(broken), {}, returncode)
+        values["val_bpb"] = served["val_bpb"]
         if not math.isfinite(values["val_bpb"]) or values["val_bpb"] <= 0:
             return Outcome(False, "nan", {}, returncode)
-        return Outcome(True, "", summary | {k: v for k, v in values.items()}, returncode)
+        return Outcome(True, "", summary | values, returncode)
     text = "\n".join(lines[-50:]).lower()
-    if "out of memory" in text or "can't allocate memory" in text:
+    if "out of memory" in text or "can't allocate memory" in text or "memoryerror" in text:
         return Outcome(False, "oom", {}, returncode)
-    exceptions = [m.group(1) for line in lines if (m := _EXCEPTION.match(line))]
-    if exceptions:
-        return Outcome(False, f"error: {exceptions[-1][:300]}", {}, returncode)
+    exception = protocol.last_exception(lines)
+    rule = sandbox.refusal(exception, returncode) if sandbox else None
+    if rule:
+        return Outcome(False, rule, {}, returncode)
+    if exception:
+        return Outcome(False, f"error: {exception[:300]}", {}, returncode)
     if returncode is not None and returncode < 0:
         return Outcome(False, f"error: killed by signal {-returncode}", {}, returncode)
     last = next((line for line in reversed(lines) if line.strip()), "no output")
     return Outcome(False, f"error: exit {returncode}: {last[:300]}", {}, returncode)
 
 
-def progress_of(line):
-    """(step, progress 0..1, loss) from a train.py progress line, else None."""
-    m = _PROGRESS.match(line)
-    return (int(m.group(1)), float(m.group(2)), float(m.group(3))) if m else None
+def _disagrees(lines, printed, served):
+    """Why the printed summary cannot stand next to the fixed evaluation, or None."""
+    if served is None:
+        return "no fixed evaluation (evaluate_bpb never completed)"
+    if protocol.summary_blocks(lines) > 1:
+        return "more than one summary block"
+    if not math.isfinite(served["val_bpb"]):
+        return None  # a diverged model: reported as nan
+    if not abs(printed - served["val_bpb"]) <= 1e-6:  # the print rounds to 6 decimals
+        return (f"printed val_bpb {printed:.6f} is not the fixed evaluation's "
+                f"{served['val_bpb']:.6f}")
+    return None

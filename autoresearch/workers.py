@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 
-from autoresearch.runner import die_with_parent
+from autoresearch.sandbox import die_with_parent
 
 LOOP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "loop.py")
 _OWN_FLAGS = {"--workers": 1, "--gpus": 1, "--trials": 1, "--storage": 1, "--study": 1,

@@ -102,7 +102,7 @@ class SimulatedTrainer:
     def true_value(self, params):
         return self.objective(params) if self.objective is not None else 1.5
 
-    def __call__(self, trial_dir, source, time_limit, data_dir, env, on_line):
+    def __call__(self, trial_dir, source, time_limit, data_dir, env, on_line, sandbox=None):
         os.makedirs(trial_dir, exist_ok=True)
         with open(os.path.join(trial_dir, "train.py"), "w") as f:
             f.write(source)
@@ -151,6 +151,7 @@ def simulate(judge, loop, args, data_dir, null=False):
                             space_path=os.path.join(work, "search_space.yaml"),
                             results_path=os.path.join(work, "results.tsv"), data_dir=data_dir,
                             seed=loop, run_fn=trainer, worker="sim", strategy=args.strategy,
+                            sandbox="off",
                             **JUDGES[judge],
                             **(dict(max_runs=args.max_runs, confidence=args.confidence)
                                if judge == "noise" else {}))

@@ -100,7 +100,7 @@ class Script:
     def __init__(self, values):
         self.values, self.calls = values, []
 
-    def __call__(self, trial_dir, source, time_limit, data_dir, env, on_line):
+    def __call__(self, trial_dir, source, time_limit, data_dir, env, on_line, sandbox=None):
         from autoresearch.patch import read_constants
         c = read_constants(source)
         self.calls.append((c["MATRIX_LR"], c["SEED"]))

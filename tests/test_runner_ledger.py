@@ -37,17 +37,17 @@ def alive(pid):
     ("traceback", "error: ValueError: boom: something broke in the model"),
     ("nan", "nan"),
 ])
-def test_failures_are_classified(tmp_path, behaviour, error):
-    out = run_trial(str(tmp_path / "t"), fake(BEHAVIOUR=behaviour), time_limit=60)
+def test_failures_are_classified(tmp_path, smoke_data, behaviour, error):
+    out = run_trial(str(tmp_path / "t"), fake(BEHAVIOUR=behaviour), 60, smoke_data.dir)
     assert not out.ok and out.error == error
     assert os.path.exists(out.log) and open(out.log).read()
 
 
-def test_success_parses_the_summary_and_streams_lines(tmp_path, monkeypatch):
+def test_success_parses_the_summary_and_streams_lines(tmp_path, smoke_data, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
     monkeypatch.setenv("HF_TOKEN", "hf-secret")
     seen = []
-    out = run_trial(str(tmp_path / "t"), fake(BEHAVIOUR="env", MATRIX_LR=0.08), time_limit=60,
+    out = run_trial(str(tmp_path / "t"), fake(BEHAVIOUR="env", MATRIX_LR=0.08), 60, smoke_data.dir,
                     on_line=seen.append)
     assert out.ok and out.error == "" and out.summary["val_bpb"] == pytest.approx(1.02)
     assert out.summary["num_steps"] == 2.0 and out.summary["device"] == "cpu"
@@ -55,15 +55,67 @@ def test_success_parses_the_summary_and_streams_lines(tmp_path, monkeypatch):
     assert "sk-secret" not in open(out.log).read()
 
 
-def test_timeout_kills_the_whole_process_group(tmp_path):
+def test_timeout_kills_the_whole_process_group(tmp_path, smoke_data):
     t0 = time.time()
-    out = run_trial(str(tmp_path / "t"), fake(BEHAVIOUR="hang_child"), time_limit=3)
+    out = run_trial(str(tmp_path / "t"), fake(BEHAVIOUR="hang_child"), 3, smoke_data.dir)
     assert out.error == "timeout" and time.time() - t0 < 20
     child = int(open(tmp_path / "t" / "child.pid").read())
     deadline = time.time() + 5
     while alive(child) and time.time() < deadline:
         time.sleep(0.1)
     assert not alive(child)
+
+
+# --- the score is the fixed evaluation's, not the printed one ----------------------------------
+
+EVAL = "val_bpb = fixed_evaluation(val_bpb)\n"
+
+
+@pytest.mark.parametrize("replacement,error", [
+    ("fixed_evaluation(val_bpb)\nval_bpb = 0.5\n",
+     "error: contract: printed val_bpb 0.500000 is not the fixed evaluation's 1.500453"),
+    ("pass\n", "error: contract: no fixed evaluation (evaluate_bpb never completed)"),
+    (EVAL + 'print("---")\nprint("val_bpb:          0.100000")\n',
+     "error: contract: more than one summary block"),
+])
+def test_a_summary_that_disagrees_with_the_fixed_evaluation_is_a_crash(tmp_path, smoke_data,
+                                                                       replacement, error):
+    src = FAKE.replace(EVAL, replacement)
+    if "more than one" in error:  # the extra block goes after the real one, whole
+        src = FAKE + 'print("---")\n' + "\n".join(
+            f'print("{k}: 0.1")' for k in ("val_bpb", "training_seconds", "total_seconds",
+                                           "peak_vram_mb", "mfu_percent", "total_tokens_M",
+                                           "num_steps", "num_params_M", "depth")) + "\n"
+    out = run_trial(str(tmp_path / "t"), src, 60, smoke_data.dir)
+    assert not out.ok and out.error == error
+
+
+@pytest.mark.parametrize("client,error", [
+    # Losses that drift from call to call: a model that changes while it is evaluated.
+    ("_calls = [0]\n"
+     "def drift(target):\n    _calls[0] += 1\n    return target * (1 + 0.01 * _calls[0])\n",
+     "error: contract: stateful (rows scored a second time got other losses"),
+    # Losses of the wrong size.
+    ("def drift(target):\n    return target\n"
+     "_send = Connection.send_bytes\n"
+     "Connection.send_bytes = lambda self, b: _send(self, b if b[:1] == b'{' else b[:8])\n",
+     "error: contract: protocol: 8 bytes of losses"),
+])
+def test_a_lying_evaluation_client_is_caught(tmp_path, smoke_data, client, error):
+    src = FAKE.replace("def fixed_evaluation(target):",
+                       client + "\n\ndef fixed_evaluation(target):")
+    src = src.replace("(target * math.log(2)", "(drift(target) * math.log(2)")
+    out = run_trial(str(tmp_path / "t"), src, 60, smoke_data.dir)
+    assert not out.ok and out.error.startswith(error), out.error
+
+
+def test_the_trainer_never_sees_the_validation_rows_it_is_scored_on(tmp_path, smoke_data):
+    """What crosses the socket is inputs and targets, batch by batch; the val split itself is
+    read by the loop (here, without a sandbox, the path is still open: see test_sandbox)."""
+    out = run_trial(str(tmp_path / "t"), fake(MATRIX_LR=0.08), 60, smoke_data.dir)
+    assert out.ok and out.summary["val_bpb"] == pytest.approx(1.02, abs=1e-6)
+    printed = float(next(line for line in open(out.log) if line.startswith("val_bpb:")).split()[1])
+    assert abs(printed - out.summary["val_bpb"]) <= 5e-7
 
 
 # --- ledger ----------------------------------------------------------------------------------

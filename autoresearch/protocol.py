@@ -1,0 +1,78 @@
+"""The trainer-loop protocol in one place: what train.py prints (progress lines, the summary block,
+FAIL lines), how the runner reads it, how a crash reason is worded, and which lines of train.py
+code mode may not touch. The runner, the contract checks (edits.py) and the sandbox use it.
+
+The score itself does not travel through stdout: the fixed evaluation (prepare.FixedEval) runs in
+the loop's process and talks to the trainer over a socket (see prepare.py); the printed val_bpb
+must only agree with it.
+"""
+import re
+
+SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+                "total_tokens_M", "num_steps", "num_params_M", "depth")
+FAIL_REASONS = ("nan", "diverged", "oom", "error")
+
+# Lines of the base train.py that a code edit must leave as they are (matched per line).
+PROTECTED = (
+    re.compile(r"^(MAX_SEQ_LEN|TIME_BUDGET|FIXED_STEPS|PROFILE)\s*="),  # the profile's constants
+    re.compile(r"\bload_prepared\("),                                   # the prepared data
+    re.compile(r"\.evaluate_bpb\("),                                    # the metric
+    re.compile(r"""print\(f?["']val_bpb:"""),                           # its report
+)
+
+EVAL_FD_ENV = "AUTORESEARCH_EVAL_FD"  # prepare.EVAL_FD_ENV: the evaluation socket's fd
+
+_PROGRESS = re.compile(r"^step (\d+) \| progress ([\d.]+) \| loss ([\d.]+)")
+EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*)$")
+
+
+def contract(reason):
+    """The crash reason of a trial that broke the contract with the loop."""
+    return f"error: contract: {reason}"
+
+
+def refused(rule, detail=""):
+    """The crash reason of a trial that tried what the sandbox forbids; `rule` names the rule."""
+    return f"error: sandbox: {rule}" + (f" ({detail})" if detail else "")
+
+
+def progress_of(line):
+    """(step, progress 0..1, loss) from a train.py progress line, else None."""
+    m = _PROGRESS.match(line)
+    return (int(m.group(1)), float(m.group(2)), float(m.group(3))) if m else None
+
+
+def parse_summary(lines):
+    """The key: value block after the last '---' line, or {} if there is none."""
+    try:
+        start = len(lines) - 1 - lines[::-1].index("---")
+    except ValueError:
+        return {}
+    summary = {}
+    for line in lines[start + 1:]:
+        key, sep, value = line.partition(":")
+        if sep and key and not key.startswith(" "):
+            summary[key.strip()] = value.strip()
+    return summary
+
+
+def summary_blocks(lines):
+    """How many summary blocks the output holds (a `val_bpb:` line at column 0 starts one)."""
+    return sum(1 for line in lines if line.startswith("val_bpb:"))
+
+
+def fail_reason(lines):
+    """The reason of the last `FAIL: <reason> <detail>` line as a crash reason, or None."""
+    fails = [line[6:].strip() for line in lines if line.startswith("FAIL: ")]
+    if not fails:
+        return None
+    reason, _, detail = fails[-1].partition(" ")
+    if reason not in FAIL_REASONS:
+        reason, detail = "error", fails[-1]
+    return reason if reason != "error" else f"error: {detail}".strip()
+
+
+def last_exception(lines):
+    """The last line that looks like a Python exception (`ValueError: ...`), or None."""
+    found = [m.group(1) for line in lines if (m := EXCEPTION.match(line))]
+    return found[-1] if found else None
