@@ -10,6 +10,8 @@ The profile of the prepared data (python prepare.py) fixes MAX_SEQ_LEN, TIME_BUD
 validation set and the defaults of the constants. For quick looks and tests:
 AUTORESEARCH_TIME_BUDGET=<seconds> shortens the budget, AUTORESEARCH_STEPS=<n> trains exactly n
 steps instead (the schedule then runs by steps, so a run is reproducible from SEED).
+AUTORESEARCH_DEVICE=cpu|cuda|mps, AUTORESEARCH_DTYPE=bf16|fp16|fp32 and AUTORESEARCH_COMPILE=1|0
+override what is chosen for the device (the tests run every GPU code path on a CPU this way).
 """
 
 import time
@@ -21,7 +23,18 @@ import math  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
-from functools import lru_cache  # noqa: E402
+
+# Set before torch is imported, so that it and the workers it starts see them. Compiled
+# kernels are cached in one lasting place, so a trial reuses what an earlier one compiled
+# (BENCHMARKS.md: the seconds this saves); a user's own choice of place wins. Expandable
+# segments keep fragmented CUDA memory from failing an allocation that would fit, as in
+# Karpathy's train.py.
+_COMPILE_CACHE = os.path.join(os.environ.get("AUTORESEARCH_CACHE")
+                              or os.path.expanduser("~/.cache/autoresearch"), "compile")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or _COMPILE_CACHE
+os.environ["TRITON_CACHE_DIR"] = (os.environ.get("TRITON_CACHE_DIR")
+                                  or os.path.join(_COMPILE_CACHE, "triton"))
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -89,15 +102,30 @@ else:
 
 if device.type == "cuda":
     DEVICE_NAME = torch.cuda.get_device_name(device)
-    DTYPE = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    BF16_OK = torch.cuda.is_bf16_supported()
+    DTYPE_NAME = "bf16" if BF16_OK else "fp16"  # a T4 has no bf16: fp16 with loss scaling
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 else:
-    DEVICE_NAME = device.type
-    DTYPE = torch.float32  # CPU and MPS: full precision is the fast and safe choice
+    DEVICE_NAME, BF16_OK = device.type, True
+    DTYPE_NAME = "fp32"  # CPU and MPS: full precision is the fast and safe choice
+COMPILE = device.type == "cuda"  # on CPU and MPS compiling costs more than it saves
+OVERRIDES = {k: os.environ[k] for k in ("AUTORESEARCH_DTYPE", "AUTORESEARCH_COMPILE")
+             if os.environ.get(k)}
+DTYPE_NAME = OVERRIDES.get("AUTORESEARCH_DTYPE", DTYPE_NAME)
+if DTYPE_NAME not in ("bf16", "fp16", "fp32"):
+    fail("error", f"AUTORESEARCH_DTYPE={DTYPE_NAME!r} must be bf16, fp16 or fp32")
+if DTYPE_NAME == "bf16" and not BF16_OK:
+    fail("error", f"AUTORESEARCH_DTYPE=bf16 but {DEVICE_NAME} has no bf16; use fp16")
+if OVERRIDES.get("AUTORESEARCH_COMPILE", "1") not in ("0", "1"):
+    fail("error", f"AUTORESEARCH_COMPILE={OVERRIDES['AUTORESEARCH_COMPILE']!r} must be 1 or 0")
+COMPILE = OVERRIDES.get("AUTORESEARCH_COMPILE", "1" if COMPILE else "0") == "1"
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[DTYPE_NAME]
 autocast = (torch.autocast(device.type, dtype=DTYPE) if DTYPE != torch.float32
             else torch.autocast(device.type, enabled=False))
-COMPILE = device.type == "cuda"  # on CPU and MPS compiling costs more than it saves
+# Fault injection for the tests of the loop's OOM retry: a micro-batch above this many rows
+# fails as if the device had run out of memory.
+FAIL_OOM_ABOVE = int(os.environ.get("AUTORESEARCH_FAIL_OOM_ABOVE") or 0)
 
 torch.manual_seed(SEED)
 
@@ -132,24 +160,19 @@ def load_flash_attention_3():
 FA3 = load_flash_attention_3()
 
 
-@lru_cache(maxsize=8)
-def window_mask(T, window, device):
-    """Causal and at most `window` keys back (the query itself included)."""
-    i = torch.arange(T, device=device)
-    return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
-
-
-def attention(q, k, v, window):  # (B, T, H, D) in and out
+def attention(q, k, v, window):  # (B, T, H, D) in and out; a query sees itself + `window` back
     T = q.size(1)
     if FA3 is not None:
-        left = -1 if window >= T else window - 1
+        left = -1 if window >= T - 1 else window  # -1: unlimited
         out = FA3.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
         return out[0] if isinstance(out, tuple) else out  # some builds also return the LSE
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if window >= T:
+    if window >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device))
+    else:  # built on every call: under torch.compile it becomes part of the kernel
+        i = torch.arange(T, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return y.transpose(1, 2)
 
 
@@ -308,6 +331,11 @@ def peak_flops(name):
     return 0.0  # unknown device (CPU, MPS): MFU is reported as 0
 
 
+def mfu_percent(flops_per_token, tokens, seconds, peak):
+    """Model FLOPs utilisation: the share of the device's peak spent on the model's matmuls."""
+    return 100 * flops_per_token * tokens / seconds / peak if peak and seconds else 0.0
+
+
 def peak_memory_mb():
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -359,10 +387,9 @@ def build_model():
     windows = [MAX_SEQ_LEN // 2 if c == "S" else MAX_SEQ_LEN for c in pattern]
     windows[-1] = MAX_SEQ_LEN
     model = GPT(data.vocab_size, DEPTH, dim, n_head, HEAD_DIM, windows, MAX_SEQ_LEN).to(device)
-    # Matmul FLOPs per token, forward and backward: 6 per weight outside the embeddings, plus
-    # attention scores and mixing over each layer's window.
-    embed = model.wte.weight.numel() + sum(v.weight.numel() for v in model.value_embeds.values())
-    weights = sum(p.numel() for p in model.parameters()) - embed
+    # Matmul FLOPs per token, forward and backward: 6 per weight of the blocks and the head
+    # (embeddings are lookups), plus attention scores and mixing over each layer's window.
+    weights = sum(p.numel() for p in model.blocks.parameters()) + model.lm_head.weight.numel()
     flops = 6 * weights + sum(12 * n_head * HEAD_DIM * w for w in windows)
     return model, dim, flops
 
@@ -406,11 +433,17 @@ def train():
     x, y, epoch = next(loader)
     peak = peak_flops(DEVICE_NAME)
     uniform_loss = math.log(data.vocab_size)
-    warmup_steps = 3 if COMPILE else 0  # steps that compile kernels are left out of the budget
-    print(f"profile {PROFILE.name} | device {DEVICE_NAME} ({str(DTYPE).split('.')[-1]}"
+    # The first steps compile kernels: left out of the budget, 11 of them as in Karpathy's train.py
+    # so that step counts compare.
+    warmup_steps = 11 if COMPILE else 0
+    print(f"profile {PROFILE.name} | device {DEVICE_NAME} ({DTYPE_NAME}"
           f"{', compiled' if COMPILE else ''}{', FA3' if FA3 else ''}) | params "
           f"{num_params / 1e6:.2f}M | width {dim} | depth {DEPTH} | grad accum {accum} | budget "
-          f"{f'{FIXED_STEPS} steps' if FIXED_STEPS else f'{TIME_BUDGET:g}s'}", flush=True)
+          f"{f'{FIXED_STEPS} steps' if FIXED_STEPS else f'{TIME_BUDGET:g}s'}"
+          + "".join(f" | {k}={v}" for k, v in OVERRIDES.items()), flush=True)
+    if FAIL_OOM_ABOVE and DEVICE_BATCH_SIZE > FAIL_OOM_ABOVE:
+        raise torch.OutOfMemoryError(f"out of memory (injected by AUTORESEARCH_FAIL_OOM_ABOVE="
+                                     f"{FAIL_OOM_ABOVE})")
 
     step, training_time, smooth, compile_time = 0, 0.0, 0.0, 0.0
     next_report = 0.0
@@ -461,7 +494,7 @@ def train():
             gc.disable()
         if done >= next_report or done >= 1:
             tok_s = TOTAL_BATCH_SIZE / dt
-            mfu = 100 * flops_per_token * tok_s / peak if peak else 0.0
+            mfu = mfu_percent(flops_per_token, TOTAL_BATCH_SIZE, dt, peak)
             print(f"step {step:05d} | progress {min(done, 1):.3f} | loss {smooth_loss:.4f} | lrm "
                   f"{lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.1f}% | "
                   f"epoch {epoch}", flush=True)
@@ -477,7 +510,7 @@ def train():
     if not math.isfinite(val_bpb):
         fail("nan", f"val_bpb is {val_bpb}")
     tokens = step * TOTAL_BATCH_SIZE
-    mfu = 100 * flops_per_token * tokens / training_time / peak if peak and training_time else 0.0
+    mfu = mfu_percent(flops_per_token, (step - warmup_steps) * TOTAL_BATCH_SIZE, training_time, peak)
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {training_time:.1f}")
