@@ -142,7 +142,7 @@ def rotary(x, cos, sin):  # x: (B, T, H, D)
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)  # Karpathy's sense
 
 
 def load_flash_attention_3():
@@ -274,43 +274,89 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# Optimizers: Muon for matrices, AdamW for the rest
+# Optimizers: Muon for matrices, AdamW for the rest. Written out rather than built on
+# torch.optim, whose first use imports torch._dynamo: on a CPU that takes about as long as
+# importing torch, in every trial (BENCHMARKS.md).
 # ---------------------------------------------------------------------------
 
 
-def orthogonalize(G, steps=5):
-    """Newton-Schulz iteration towards the nearest semi-orthogonal matrix (Muon's update)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+class AdamW:
+    """Adam with bias correction; no weight decay, as none of its parameters is decayed."""
+
+    def __init__(self, param_groups, betas, eps=1e-10):
+        self.param_groups = [dict(betas=betas, eps=eps) | group for group in param_groups]
+        self.state = {}
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.setdefault(p, dict(step=0, mean=torch.zeros_like(p),
+                                                      square=torch.zeros_like(p)))
+                state["step"] += 1
+                state["mean"].lerp_(p.grad, 1 - beta1)
+                state["square"].lerp_(p.grad.square(), 1 - beta2)
+                denom = (state["square"] / (1 - beta2 ** state["step"])).sqrt_().add_(eps)
+                p.addcdiv_(state["mean"], denom, value=-lr / (1 - beta1 ** state["step"]))
+
+
+# Polar Express (Amsel et al. 2025): a tuned odd polynomial per iteration, which brings every
+# singular value near 1 in five steps from anywhere in (0, 1].
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def orthogonalize(G):
+    """The nearest semi-orthogonal matrix, approximately (Muon's update direction)."""
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # singular values below 1
+    for a, b, c in POLAR_EXPRESS:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
 
 
-class Muon(torch.optim.Optimizer):
-    """Momentum, orthogonalised per matrix, scaled for the matrix's aspect ratio."""
+class Muon:
+    """Muon as Karpathy's autoresearch runs it: Nesterov momentum, orthogonalised; then each row
+    (each column of a wide matrix) rescaled by a running mean of its squared update (NorMuon),
+    the whole keeping the orthogonalised update's norm; a step scaled for the aspect ratio; and
+    weight decay only where the update pushes the weight towards zero too (cautious)."""
 
-    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+    def __init__(self, params, lr, momentum=0.95, beta2=0.95, weight_decay=0.0):
+        self.param_groups = [dict(params=list(params), lr=lr, momentum=momentum, beta2=beta2,
+                                  weight_decay=weight_decay)]
+        self.state = {}
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, mom, beta2, wd = (group[k] for k in ("lr", "momentum", "beta2", "weight_decay"))
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                buf = self.state[p].setdefault("momentum", torch.zeros_like(p.grad))
+                rows, cols = p.shape
+                across = -1 if rows >= cols else -2  # the mean runs along the longer side
+                state = self.state.setdefault(p, dict(
+                    momentum=torch.zeros_like(p),
+                    second=torch.zeros_like(p.float().mean(across, keepdim=True))))
+                buf = state["momentum"]
                 buf.lerp_(p.grad, 1 - mom)
-                update = orthogonalize(p.grad.lerp(buf, mom))  # Nesterov
-                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr * scale)
+                update = orthogonalize(p.grad.lerp(buf, mom)).float()  # Nesterov
+                state["second"].lerp_(update.square().mean(across, keepdim=True), 1 - beta2)
+                even = update * state["second"].clamp_min(1e-10).rsqrt()
+                update = even * (update.norm() / even.norm().clamp_min(1e-10))
+                step = lr * max(1.0, rows / cols) ** 0.5
+                decay = wd * p * (update * p >= 0)
+                p.sub_((step * (update + decay)).to(p.dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -402,11 +448,9 @@ def make_optimizers(model, dim):
              lr=EMBEDDING_LR * scale),
         dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * scale),
         dict(params=[model.resid_lambdas], lr=SCALAR_LR * 0.01),
-        dict(params=[model.x0_lambdas], lr=SCALAR_LR),
+        dict(params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
     ]
-    fused = device.type == "cuda"
-    adamw = torch.optim.AdamW(adam_groups, betas=tuple(ADAM_BETAS), eps=1e-10, weight_decay=0.0,
-                              fused=fused)
+    adamw = AdamW(adam_groups, betas=tuple(ADAM_BETAS))
     muon = Muon(matrices, lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
     for opt in (adamw, muon):
         for group in opt.param_groups:

@@ -61,8 +61,16 @@ def uniform_bpb(data):
 
 
 def test_trains_and_prints_the_summary(tmp_path, smoke_data):
-    code, out = run_train(tmp_path, smoke_data)
+    # Run as __main__ by a wrapper that reports, at exit, whether torch._dynamo was imported:
+    # an uncompiled trial should not pay for that import (BENCHMARKS.md, "Overhead").
+    wrapper = ("import atexit, runpy, sys\n"
+               "atexit.register(lambda: print('dynamo imported:', 'torch._dynamo' in sys.modules))\n"
+               "sys.argv = sys.argv[1:]\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    code, out = run_train(tmp_path, smoke_data, wrapper=wrapper)
     assert code == 0, out[-3000:]
+    assert "dynamo imported: False" in out
+    out = out.replace("dynamo imported: False\n", "")
     summary = parse_summary(out)
     assert list(summary) == SUMMARY_KEYS
     val_bpb = float(summary["val_bpb"])
@@ -222,6 +230,70 @@ def test_mfu_is_model_flops_over_peak(train_module):
     assert train_module.mfu_percent(1e9, 2e6, 10.0, 989e12) == pytest.approx(100 * 2e14 / 989e12)
     assert train_module.mfu_percent(1e9, 2e6, 10.0, 0.0) == 0.0  # no known peak
     assert train_module.mfu_percent(1e9, 0, 0.0, 989e12) == 0.0  # nothing timed yet
+
+
+def test_adamw_follows_torchs(train_module):
+    g = torch.Generator().manual_seed(3)
+    ours = [torch.nn.Parameter(torch.randn(5, 7, generator=g)), torch.nn.Parameter(torch.randn(3))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+
+    def groups(ps):  # the second with its own betas, as train.py gives the x0 scalars
+        return [dict(params=[ps[0]], lr=0.1), dict(params=[ps[1]], lr=0.3, betas=(0.96, 0.95))]
+    opt = train_module.AdamW(groups(ours), betas=(0.8, 0.95))
+    ref_opt = torch.optim.AdamW(groups(ref), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=g) for p in ours]
+        for ps in (ours, ref):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_orthogonalize_brings_singular_values_near_one(train_module):
+    g = torch.Generator().manual_seed(0)
+    for shape in [(64, 256), (256, 64), (96, 48)]:
+        G = torch.randn(shape, generator=g) * torch.logspace(-2, 0, shape[1])  # columns 1 to 1/100
+        assert torch.linalg.cond(G) > 10
+        s = torch.linalg.svdvals(train_module.orthogonalize(G))
+        assert 0.8 < s.min() and s.max() < 1.2, (shape, s.min(), s.max())
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96)])
+def test_muon_step_keeps_the_norm_and_evens_out_rows(train_module, shape):
+    """One step from no momentum: the orthogonalised update's norm times lr and the aspect
+    scale, and (NorMuon) the same RMS for every row of a tall matrix, every column of a wide one."""
+    g = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(shape, generator=g))
+    p.grad = torch.randn(shape, generator=g) * torch.linspace(0.1, 3, shape[1])
+    before = p.detach().clone()
+    train_module.Muon([p], lr=0.01, momentum=0.0).step()
+    delta = p.detach() - before
+    step = 0.01 * max(1.0, shape[0] / shape[1]) ** 0.5
+    direction = train_module.orthogonalize(p.grad)
+    assert delta.norm().item() == pytest.approx(step * direction.norm().item(), rel=1e-4)
+    rms = delta.square().mean(-1 if shape[0] >= shape[1] else 0).sqrt()
+    assert (rms.std() / rms.mean()).item() < 1e-3
+    assert (direction.square().mean(-1 if shape[0] >= shape[1] else 0).sqrt().std() > 1e-3)
+
+
+def test_muon_decays_only_weights_the_step_moves_towards_zero(train_module):
+    g = torch.Generator().manual_seed(2)
+    p0, grad = torch.randn(48, 32, generator=g), torch.randn(48, 32, generator=g)
+    after = {}
+    for wd in (0.0, 0.5):
+        p = torch.nn.Parameter(p0.clone())
+        p.grad = grad.clone()
+        train_module.Muon([p], lr=0.02, momentum=0.0, weight_decay=wd).step()
+        after[wd] = p.detach()
+    towards_zero = (after[0.0] - p0) * p0 < 0
+    assert 0.2 < towards_zero.float().mean() < 0.8
+    decayed = after[0.5] - after[0.0]
+    step = 0.02 * (48 / 32) ** 0.5
+    assert torch.allclose(decayed[towards_zero], -step * 0.5 * p0[towards_zero], atol=1e-6)
+    assert (decayed[~towards_zero] == 0).all()
 
 
 def test_window_pattern_runs_with_short_windows(tmp_path, smoke_data):
