@@ -102,24 +102,26 @@ else:
 
 if device.type == "cuda":
     DEVICE_NAME = torch.cuda.get_device_name(device)
-    BF16_OK = torch.cuda.is_bf16_supported()
-    DTYPE_NAME = "bf16" if BF16_OK else "fp16"  # a T4 has no bf16: fp16 with loss scaling
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 else:
-    DEVICE_NAME, BF16_OK = device.type, True
-    DTYPE_NAME = "fp32"  # CPU and MPS: full precision is the fast and safe choice
-COMPILE = device.type == "cuda"  # on CPU and MPS compiling costs more than it saves
-OVERRIDES = {k: os.environ[k] for k in ("AUTORESEARCH_DTYPE", "AUTORESEARCH_COMPILE")
-             if os.environ.get(k)}
-DTYPE_NAME = OVERRIDES.get("AUTORESEARCH_DTYPE", DTYPE_NAME)
+    DEVICE_NAME = device.type
+BF16_OK = device.type != "cuda" or torch.cuda.is_bf16_supported()
+# bf16 and compiled on a GPU with bf16; fp16 with loss scaling on one without (a T4); fp32 and
+# not compiled on CPU and MPS, where full precision is the fast and safe choice and compiling
+# costs more than it saves. The switches, when set, are named in the first progress line.
+DTYPE_NAME = os.environ.get("AUTORESEARCH_DTYPE") or (
+    "fp32" if device.type != "cuda" else "bf16" if BF16_OK else "fp16")
+COMPILE_SWITCH = os.environ.get("AUTORESEARCH_COMPILE") or ("1" if device.type == "cuda" else "0")
+SWITCHES = {k: os.environ[k] for k in ("AUTORESEARCH_DTYPE", "AUTORESEARCH_COMPILE")
+            if os.environ.get(k)}
 if DTYPE_NAME not in ("bf16", "fp16", "fp32"):
     fail("error", f"AUTORESEARCH_DTYPE={DTYPE_NAME!r} must be bf16, fp16 or fp32")
 if DTYPE_NAME == "bf16" and not BF16_OK:
     fail("error", f"AUTORESEARCH_DTYPE=bf16 but {DEVICE_NAME} has no bf16; use fp16")
-if OVERRIDES.get("AUTORESEARCH_COMPILE", "1") not in ("0", "1"):
-    fail("error", f"AUTORESEARCH_COMPILE={OVERRIDES['AUTORESEARCH_COMPILE']!r} must be 1 or 0")
-COMPILE = OVERRIDES.get("AUTORESEARCH_COMPILE", "1" if COMPILE else "0") == "1"
+if COMPILE_SWITCH not in ("0", "1"):
+    fail("error", f"AUTORESEARCH_COMPILE={COMPILE_SWITCH!r} must be 1 or 0")
+COMPILE = COMPILE_SWITCH == "1"
 DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[DTYPE_NAME]
 autocast = (torch.autocast(device.type, dtype=DTYPE) if DTYPE != torch.float32
             else torch.autocast(device.type, enabled=False))
@@ -477,14 +479,14 @@ def train():
     x, y, epoch = next(loader)
     peak = peak_flops(DEVICE_NAME)
     uniform_loss = math.log(data.vocab_size)
-    # The first steps compile kernels: left out of the budget, 11 of them as in Karpathy's train.py
-    # so that step counts compare.
+    # The first steps compile kernels: left out of the budget, 11 of them as in Karpathy's
+    # train.py, so that step counts compare.
     warmup_steps = 11 if COMPILE else 0
     print(f"profile {PROFILE.name} | device {DEVICE_NAME} ({DTYPE_NAME}"
           f"{', compiled' if COMPILE else ''}{', FA3' if FA3 else ''}) | params "
           f"{num_params / 1e6:.2f}M | width {dim} | depth {DEPTH} | grad accum {accum} | budget "
           f"{f'{FIXED_STEPS} steps' if FIXED_STEPS else f'{TIME_BUDGET:g}s'}"
-          + "".join(f" | {k}={v}" for k, v in OVERRIDES.items()), flush=True)
+          + "".join(f" | {k}={v}" for k, v in SWITCHES.items()), flush=True)
     if FAIL_OOM_ABOVE and DEVICE_BATCH_SIZE > FAIL_OOM_ABOVE:
         raise torch.OutOfMemoryError(f"out of memory (injected by AUTORESEARCH_FAIL_OOM_ABOVE="
                                      f"{FAIL_OOM_ABOVE})")
@@ -554,7 +556,8 @@ def train():
     if not math.isfinite(val_bpb):
         fail("nan", f"val_bpb is {val_bpb}")
     tokens = step * TOTAL_BATCH_SIZE
-    mfu = mfu_percent(flops_per_token, (step - warmup_steps) * TOTAL_BATCH_SIZE, training_time, peak)
+    timed_tokens = (step - warmup_steps) * TOTAL_BATCH_SIZE
+    mfu = mfu_percent(flops_per_token, timed_tokens, training_time, peak)
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {training_time:.1f}")

@@ -1,20 +1,26 @@
 """What a trial spends outside training, phase by phase, in fresh processes like the loop's.
 
-    python bench/overhead.py [--profile cpu] [--repeat 3] [--compile] [--cold-cache]
+    python bench/overhead.py [--profile cpu] [--repeat 3] [--against REV] [--compile]
 
-Each repeat starts a new Python process that does what train.py does before and after its
-timed loop, timing each phase: importing torch, loading the prepared data, train.py's own
-module-level setup, building the model and optimizers, the first batch, the first training
-step (with --compile: the compilation, i.e. the first steps minus steady steps), a steady step,
-and the fixed evaluation. The parent times the bare interpreter (`python -c pass`) beside it.
---compile uses $AUTORESEARCH_CACHE/compile as train.py does (warm after the first repeat);
---cold-cache gives every repeat an empty compile cache instead, which is what every trial paid
-before the cache was kept. Prints the median of each phase over the repeats.
+Each repeat starts a new Python process per variant that does what train.py does before and
+after its timed loop, timing each phase: importing torch, loading the prepared data, train.py's
+module-level setup, building the model and its optimizers, the first batch, the first three
+training steps beyond three median steady ones (with --compile: the compilation), and the fixed
+evaluation. Variants run alternately, so they share the machine's load; two tables hold the
+median of each phase by wall clock and by the process's CPU time (user + system, all threads:
+less sensitive to other load on a shared machine). The bare interpreter (`python -c pass`) is
+timed beside them.
+
+Variants: the working tree's train.py; with --against REV also REV's train.py (a git
+revision), for before/after figures. With --compile, each train.py runs compiled twice: with
+an empty compile cache (what every trial paid before the cache was kept) and with the lasting
+cache of $AUTORESEARCH_CACHE/compile (warmed by the first repeat).
 """
 import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,14 +28,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASES = ("import torch", "load prepared data", "train.py setup", "build model", "first batch")
 
 
 def child(args):
-    """One fresh process: the phases of a trial outside its timed loop."""
-    t = [("start", time.time())]
+    """One fresh process: the phases of a trial outside its timed loop, as JSON on stdout."""
+    t = [("start", time.time(), time.process_time())]
 
     def mark(name):
-        t.append((name, time.time()))
+        t.append((name, time.time(), time.process_time()))
 
     import torch
     mark("import torch")
@@ -37,7 +44,7 @@ def child(args):
     import prepare
     data = prepare.load_prepared()
     mark("load prepared data")
-    spec = importlib.util.spec_from_file_location("train_module", os.path.join(ROOT, "train.py"))
+    spec = importlib.util.spec_from_file_location("train_module", args.train)
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)  # the module-level setup; training runs only as __main__
     mark("train.py setup")
@@ -64,41 +71,34 @@ def child(args):
         loss.item()
         train.sync()
 
-    step()
-    mark("first step")
-    for _ in range(2):  # a compiled model may specialise once more after its first step
+    for _ in range(3):  # a compiled model may specialise again after its first step
         step()
-    mark("two more steps")
+    mark("first 3 steps")
     steady = []
     for _ in range(args.steps):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         step()
-        steady.append(time.time() - t0)
+        steady.append((time.time() - t0, time.process_time() - c0))
     mark("steady steps")
     with train.autocast:
         data.evaluate_bpb(model, train.DEVICE_BATCH_SIZE)
     mark("evaluate")
     phases = {b[0]: b[1] - a[1] for a, b in zip(t, t[1:])}
-    phases["steady step"] = statistics.median(steady)
-    print(json.dumps(phases))
-
-
-def run_child(args, env):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--steps", str(args.steps)]
-    t0 = time.time()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    wall = time.time() - t0
-    return json.loads(out.strip().splitlines()[-1]), wall
+    cpu = {b[0]: b[2] - a[2] for a, b in zip(t, t[1:])}
+    phases["steady step"] = statistics.median(w for w, _ in steady)
+    cpu["steady step"] = statistics.median(c for _, c in steady)
+    print(json.dumps(dict(wall=phases, cpu=cpu, dynamo="torch._dynamo" in sys.modules)))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5, help="steady steps timed per repeat")
-    ap.add_argument("--compile", action="store_true", help="AUTORESEARCH_COMPILE=1")
-    ap.add_argument("--cold-cache", action="store_true", help="an empty compile cache each repeat")
+    ap.add_argument("--against", metavar="REV", help="also time this git revision's train.py")
+    ap.add_argument("--compile", action="store_true", help="AUTORESEARCH_COMPILE=1, cold and warm")
+    ap.add_argument("--steps", type=int, default=8, help="steady steps timed (median taken)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--train", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -109,38 +109,66 @@ def main():
     source = prepare.python_source() if profile.source == "python" else prepare.synthetic_source()
     data_dir = os.environ.get("AUTORESEARCH_DATA") or prepare.prepare(
         profile, source, prepare.cache_dir(), log=lambda *a: None)
+    scratch = tempfile.mkdtemp(prefix="overhead-")
+    trains = {"now": os.path.join(ROOT, "train.py")}
+    if args.against:
+        trains[args.against] = os.path.join(scratch, "train_before.py")
+        with open(trains[args.against], "w") as f:
+            f.write(subprocess.run(["git", "show", f"{args.against}:train.py"], cwd=ROOT,
+                                   check=True, capture_output=True, text=True).stdout)
+    variants = {}
+    for name, path in trains.items():
+        if args.compile:
+            variants[f"{name}, cold cache"] = (path, True)
+            variants[f"{name}, kept cache"] = (path, False)
+        else:
+            variants[name] = (path, False)
     env = dict(os.environ, AUTORESEARCH_DATA=data_dir, PYTHONPATH=ROOT,
                AUTORESEARCH_COMPILE="1" if args.compile else "0")
-    rows, walls, bare = [], [], []
+    results = {v: [] for v in variants}
+    bare = []
     for _ in range(args.repeat):
         t0 = time.time()
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         bare.append(time.time() - t0)
-        if args.cold_cache:
-            cache = tempfile.mkdtemp(prefix="overhead-compile-")
-            env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"] = cache, cache
-        phases, wall = run_child(args, env)
-        rows.append(phases)
-        walls.append(wall)
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    print(f"profile {args.profile}  compile {'on' if args.compile else 'off'}"
-          f"{' (cold cache every repeat)' if args.cold_cache else ''}  median of {args.repeat} "
-          f"fresh processes; load average {os.getloadavg()[0]:.1f}")
-    print(f"  {'bare interpreter start+exit':32s} {statistics.median(bare):6.2f} s")
-    for name in ("import torch", "load prepared data", "train.py setup", "build model",
-                 "first batch"):
-        print(f"  {name:32s} {med[name]:6.2f} s")
-    first_extra = med["first step"] + med["two more steps"] - 3 * med["steady step"]
-    print(f"  {'first 3 steps beyond steady':32s} {first_extra:6.2f} s"
-          f"{'  (compilation)' if args.compile else ''}")
-    print(f"  {'evaluate (fixed metric)':32s} {med['evaluate']:6.2f} s")
-    outside = (sum(med[n] for n in ("import torch", "load prepared data", "train.py setup",
-                                    "build model", "first batch", "evaluate")) + first_extra)
-    print(f"  {'total outside training':32s} {outside:6.2f} s  (+ interpreter; steady step "
-          f"{med['steady step'] * 1000:.0f} ms; process wall {statistics.median(walls):.1f} s)")
-    print("  per repeat: " + "; ".join(
-        f"first step {r['first step']:.1f} s, eval {r['evaluate']:.1f} s" for r in rows))
+        for v, (path, cold) in variants.items():
+            run_env = dict(env)
+            if cold:
+                cache = tempfile.mkdtemp(prefix="cold-", dir=scratch)
+                run_env["TORCHINDUCTOR_CACHE_DIR"] = run_env["TRITON_CACHE_DIR"] = cache
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
+                                  "--train", path, "--steps", str(args.steps)], env=run_env, capture_output=True,
+                                 text=True, check=True).stdout
+            results[v].append(json.loads(out.strip().splitlines()[-1]))
+    shutil.rmtree(scratch)
 
+    print(f"profile {args.profile}, compile {'on' if args.compile else 'off'}, median of "
+          f"{args.repeat} fresh processes per variant, run alternately; load average now "
+          f"{os.getloadavg()[0]:.1f}; bare interpreter start+exit "
+          f"{statistics.median(bare):.2f} s")
+    for clock in ("wall", "cpu"):
+        table(results, clock)
+    print(f"{'imports torch._dynamo':30s}" + "".join(
+        f"{str(rs[0]['dynamo']):>{width(results)}s}" for rs in results.values()))
+
+
+def width(results):
+    return max(16, *(len(v) + 2 for v in results))
+
+
+def table(results, clock):
+    """Median seconds of each phase per variant, by wall clock or by the process's CPU time."""
+    med = {v: {k: statistics.median(r[clock][k] for r in rs) for k in rs[0][clock]}
+           for v, rs in results.items()}
+    for m in med.values():
+        m["first 3 steps beyond steady"] = m["first 3 steps"] - 3 * m["steady step"]
+        m["total outside training"] = sum(m[k] for k in PHASES + (
+            "first 3 steps beyond steady", "evaluate"))
+    w = width(results)
+    print(f"\n{clock + ' seconds':30s}" + "".join(f"{v:>{w}s}" for v in med))
+    for k in PHASES + ("first 3 steps beyond steady", "evaluate", "total outside training",
+                       "steady step"):
+        print(f"{k:30s}" + "".join(f"{m[k]:>{w}.2f}" for m in med.values()))
 
 if __name__ == "__main__":
     main()
