@@ -148,6 +148,9 @@ def main():
           f"{statistics.median(bare):.2f} s")
     for clock in ("wall", "cpu"):
         table(results, clock)
+    each = {v: " ".join(f"{r['wall']['first 3 steps']:.1f}" for r in rs) for v, rs in results.items()}
+    print(f"{'first 3 steps, each repeat':30s}" + "".join(f"{e:>{width(results)}s}"
+                                                          for e in each.values()))
     print(f"{'imports torch._dynamo':30s}" + "".join(
         f"{str(rs[0]['dynamo']):>{width(results)}s}" for rs in results.values()))
 
