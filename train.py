@@ -10,6 +10,8 @@ The profile of the prepared data (python prepare.py) fixes MAX_SEQ_LEN, TIME_BUD
 validation set and the defaults of the constants. For quick looks and tests:
 AUTORESEARCH_TIME_BUDGET=<seconds> shortens the budget, AUTORESEARCH_STEPS=<n> trains exactly n
 steps instead (the schedule then runs by steps, so a run is reproducible from SEED).
+AUTORESEARCH_DEVICE=cpu|cuda|mps, AUTORESEARCH_DTYPE=bf16|fp16|fp32 and AUTORESEARCH_COMPILE=1|0
+override what is chosen for the device (the tests run every GPU code path on a CPU this way).
 """
 
 import time
@@ -21,7 +23,18 @@ import math  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
-from functools import lru_cache  # noqa: E402
+
+# Set before torch is imported, so that it and the workers it starts see them. Compiled
+# kernels are cached in one lasting place, so a trial reuses what an earlier one compiled
+# (BENCHMARKS.md: the seconds this saves); a user's own choice of place wins. Expandable
+# segments keep fragmented CUDA memory from failing an allocation that would fit, as in
+# Karpathy's train.py.
+_COMPILE_CACHE = os.path.join(os.environ.get("AUTORESEARCH_CACHE")
+                              or os.path.expanduser("~/.cache/autoresearch"), "compile")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or _COMPILE_CACHE
+os.environ["TRITON_CACHE_DIR"] = (os.environ.get("TRITON_CACHE_DIR")
+                                  or os.path.join(_COMPILE_CACHE, "triton"))
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -89,15 +102,32 @@ else:
 
 if device.type == "cuda":
     DEVICE_NAME = torch.cuda.get_device_name(device)
-    DTYPE = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 else:
     DEVICE_NAME = device.type
-    DTYPE = torch.float32  # CPU and MPS: full precision is the fast and safe choice
+BF16_OK = device.type != "cuda" or torch.cuda.is_bf16_supported()
+# bf16 and compiled on a GPU with bf16; fp16 with loss scaling on one without (a T4); fp32 and
+# not compiled on CPU and MPS, where full precision is the fast and safe choice and compiling
+# costs more than it saves. The switches, when set, are named in the first progress line.
+DTYPE_NAME = os.environ.get("AUTORESEARCH_DTYPE") or (
+    "fp32" if device.type != "cuda" else "bf16" if BF16_OK else "fp16")
+COMPILE_SWITCH = os.environ.get("AUTORESEARCH_COMPILE") or ("1" if device.type == "cuda" else "0")
+SWITCHES = {k: os.environ[k] for k in ("AUTORESEARCH_DTYPE", "AUTORESEARCH_COMPILE")
+            if os.environ.get(k)}
+if DTYPE_NAME not in ("bf16", "fp16", "fp32"):
+    fail("error", f"AUTORESEARCH_DTYPE={DTYPE_NAME!r} must be bf16, fp16 or fp32")
+if DTYPE_NAME == "bf16" and not BF16_OK:
+    fail("error", f"AUTORESEARCH_DTYPE=bf16 but {DEVICE_NAME} has no bf16; use fp16")
+if COMPILE_SWITCH not in ("0", "1"):
+    fail("error", f"AUTORESEARCH_COMPILE={COMPILE_SWITCH!r} must be 1 or 0")
+COMPILE = COMPILE_SWITCH == "1"
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[DTYPE_NAME]
 autocast = (torch.autocast(device.type, dtype=DTYPE) if DTYPE != torch.float32
             else torch.autocast(device.type, enabled=False))
-COMPILE = device.type == "cuda"  # on CPU and MPS compiling costs more than it saves
+# Fault injection for the tests of the loop's OOM retry: a micro-batch above this many rows
+# fails as if the device had run out of memory.
+FAIL_OOM_ABOVE = int(os.environ.get("AUTORESEARCH_FAIL_OOM_ABOVE") or 0)
 
 torch.manual_seed(SEED)
 
@@ -114,7 +144,7 @@ def rotary(x, cos, sin):  # x: (B, T, H, D)
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)  # Karpathy's sense
 
 
 def load_flash_attention_3():
@@ -132,24 +162,19 @@ def load_flash_attention_3():
 FA3 = load_flash_attention_3()
 
 
-@lru_cache(maxsize=8)
-def window_mask(T, window, device):
-    """Causal and at most `window` keys back (the query itself included)."""
-    i = torch.arange(T, device=device)
-    return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
-
-
-def attention(q, k, v, window):  # (B, T, H, D) in and out
+def attention(q, k, v, window):  # (B, T, H, D) in and out; a query sees itself + `window` back
     T = q.size(1)
     if FA3 is not None:
-        left = -1 if window >= T else window - 1
+        left = -1 if window >= T - 1 else window  # -1: unlimited
         out = FA3.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
         return out[0] if isinstance(out, tuple) else out  # some builds also return the LSE
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if window >= T:
+    if window >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device))
+    else:  # built on every call: under torch.compile it becomes part of the kernel
+        i = torch.arange(T, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return y.transpose(1, 2)
 
 
@@ -233,7 +258,7 @@ class GPT(nn.Module):
             ve.weight.uniform_(-bound, bound)
         self.lm_head.weight.normal_(0, 0.001)
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def forward(self, idx, targets=None):
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         x = x0 = norm(self.wte(idx))
@@ -245,49 +270,93 @@ class GPT(nn.Module):
         logits = self.softcap * torch.tanh(logits / self.softcap)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               reduction=reduction)
-        return loss.view(targets.shape) if reduction == "none" else loss
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 # ---------------------------------------------------------------------------
-# Optimizers: Muon for matrices, AdamW for the rest
+# Optimizers: Muon for matrices, AdamW for the rest. Written out rather than built on
+# torch.optim, whose first use imports torch._dynamo: on a CPU that takes about as long as
+# importing torch, in every trial (BENCHMARKS.md).
 # ---------------------------------------------------------------------------
 
 
-def orthogonalize(G, steps=5):
-    """Newton-Schulz iteration towards the nearest semi-orthogonal matrix (Muon's update)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+class AdamW:
+    """Adam with bias correction; no weight decay, as none of its parameters is decayed."""
+
+    def __init__(self, param_groups, betas, eps=1e-10):
+        self.param_groups = [dict(betas=betas, eps=eps) | group for group in param_groups]
+        self.state = {}
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.setdefault(p, dict(step=0, mean=torch.zeros_like(p),
+                                                      square=torch.zeros_like(p)))
+                state["step"] += 1
+                state["mean"].lerp_(p.grad, 1 - beta1)
+                state["square"].lerp_(p.grad.square(), 1 - beta2)
+                denom = (state["square"] / (1 - beta2 ** state["step"])).sqrt_().add_(eps)
+                p.addcdiv_(state["mean"], denom, value=-lr / (1 - beta1 ** state["step"]))
+
+
+# Polar Express (Amsel et al. 2025): a tuned odd polynomial per iteration, which brings every
+# singular value near 1 in five steps from anywhere in (0, 1].
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def orthogonalize(G):
+    """The nearest semi-orthogonal matrix, approximately (Muon's update direction)."""
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # singular values below 1
+    for a, b, c in POLAR_EXPRESS:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
 
 
-class Muon(torch.optim.Optimizer):
-    """Momentum, orthogonalised per matrix, scaled for the matrix's aspect ratio."""
+class Muon:
+    """Muon as Karpathy's autoresearch runs it: Nesterov momentum, orthogonalised; then each row
+    (each column of a wide matrix) rescaled by a running mean of its squared update (NorMuon),
+    the whole keeping the orthogonalised update's norm; a step scaled for the aspect ratio; and
+    weight decay only where the update pushes the weight towards zero too (cautious)."""
 
-    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+    def __init__(self, params, lr, momentum=0.95, beta2=0.95, weight_decay=0.0):
+        self.param_groups = [dict(params=list(params), lr=lr, momentum=momentum, beta2=beta2,
+                                  weight_decay=weight_decay)]
+        self.state = {}
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, mom, beta2, wd = (group[k] for k in ("lr", "momentum", "beta2", "weight_decay"))
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                buf = self.state[p].setdefault("momentum", torch.zeros_like(p.grad))
+                rows, cols = p.shape
+                across = -1 if rows >= cols else -2  # the mean runs along the longer side
+                state = self.state.setdefault(p, dict(
+                    momentum=torch.zeros_like(p),
+                    second=torch.zeros_like(p.float().mean(across, keepdim=True))))
+                buf = state["momentum"]
                 buf.lerp_(p.grad, 1 - mom)
-                update = orthogonalize(p.grad.lerp(buf, mom))  # Nesterov
-                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr * scale)
+                update = orthogonalize(p.grad.lerp(buf, mom)).float()  # Nesterov
+                state["second"].lerp_(update.square().mean(across, keepdim=True), 1 - beta2)
+                even = update * state["second"].clamp_min(1e-10).rsqrt()
+                update = even * (update.norm() / even.norm().clamp_min(1e-10))
+                step = lr * max(1.0, rows / cols) ** 0.5
+                decay = wd * p * (update * p >= 0)
+                p.sub_((step * (update + decay)).to(p.dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -306,6 +375,11 @@ def peak_flops(name):
         if key in name:
             return tflops * 1e12
     return 0.0  # unknown device (CPU, MPS): MFU is reported as 0
+
+
+def mfu_percent(flops_per_token, tokens, seconds, peak):
+    """Model FLOPs utilisation: the share of the device's peak spent on the model's matmuls."""
+    return 100 * flops_per_token * tokens / seconds / peak if peak and seconds else 0.0
 
 
 def peak_memory_mb():
@@ -359,10 +433,9 @@ def build_model():
     windows = [MAX_SEQ_LEN // 2 if c == "S" else MAX_SEQ_LEN for c in pattern]
     windows[-1] = MAX_SEQ_LEN
     model = GPT(data.vocab_size, DEPTH, dim, n_head, HEAD_DIM, windows, MAX_SEQ_LEN).to(device)
-    # Matmul FLOPs per token, forward and backward: 6 per weight outside the embeddings, plus
-    # attention scores and mixing over each layer's window.
-    embed = model.wte.weight.numel() + sum(v.weight.numel() for v in model.value_embeds.values())
-    weights = sum(p.numel() for p in model.parameters()) - embed
+    # Matmul FLOPs per token, forward and backward: 6 per weight of the blocks and the head
+    # (embeddings are lookups), plus attention scores and mixing over each layer's window.
+    weights = sum(p.numel() for p in model.blocks.parameters()) + model.lm_head.weight.numel()
     flops = 6 * weights + sum(12 * n_head * HEAD_DIM * w for w in windows)
     return model, dim, flops
 
@@ -375,11 +448,9 @@ def make_optimizers(model, dim):
              lr=EMBEDDING_LR * scale),
         dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * scale),
         dict(params=[model.resid_lambdas], lr=SCALAR_LR * 0.01),
-        dict(params=[model.x0_lambdas], lr=SCALAR_LR),
+        dict(params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
     ]
-    fused = device.type == "cuda"
-    adamw = torch.optim.AdamW(adam_groups, betas=tuple(ADAM_BETAS), eps=1e-10, weight_decay=0.0,
-                              fused=fused)
+    adamw = AdamW(adam_groups, betas=tuple(ADAM_BETAS))
     muon = Muon(matrices, lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
     for opt in (adamw, muon):
         for group in opt.param_groups:
@@ -406,11 +477,17 @@ def train():
     x, y, epoch = next(loader)
     peak = peak_flops(DEVICE_NAME)
     uniform_loss = math.log(data.vocab_size)
-    warmup_steps = 3 if COMPILE else 0  # steps that compile kernels are left out of the budget
-    print(f"profile {PROFILE.name} | device {DEVICE_NAME} ({str(DTYPE).split('.')[-1]}"
+    # The first steps compile kernels: left out of the budget, 11 of them as in Karpathy's
+    # train.py, so that step counts compare.
+    warmup_steps = 11 if COMPILE else 0
+    print(f"profile {PROFILE.name} | device {DEVICE_NAME} ({DTYPE_NAME}"
           f"{', compiled' if COMPILE else ''}{', FA3' if FA3 else ''}) | params "
           f"{num_params / 1e6:.2f}M | width {dim} | depth {DEPTH} | grad accum {accum} | budget "
-          f"{f'{FIXED_STEPS} steps' if FIXED_STEPS else f'{TIME_BUDGET:g}s'}", flush=True)
+          f"{f'{FIXED_STEPS} steps' if FIXED_STEPS else f'{TIME_BUDGET:g}s'}"
+          + "".join(f" | {k}={v}" for k, v in SWITCHES.items()), flush=True)
+    if FAIL_OOM_ABOVE and DEVICE_BATCH_SIZE > FAIL_OOM_ABOVE:
+        raise torch.OutOfMemoryError(f"out of memory (injected by AUTORESEARCH_FAIL_OOM_ABOVE="
+                                     f"{FAIL_OOM_ABOVE})")
 
     step, training_time, smooth, compile_time = 0, 0.0, 0.0, 0.0
     next_report = 0.0
@@ -461,7 +538,7 @@ def train():
             gc.disable()
         if done >= next_report or done >= 1:
             tok_s = TOTAL_BATCH_SIZE / dt
-            mfu = 100 * flops_per_token * tok_s / peak if peak else 0.0
+            mfu = mfu_percent(flops_per_token, TOTAL_BATCH_SIZE, dt, peak)
             print(f"step {step:05d} | progress {min(done, 1):.3f} | loss {smooth_loss:.4f} | lrm "
                   f"{lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.1f}% | "
                   f"epoch {epoch}", flush=True)
@@ -477,7 +554,8 @@ def train():
     if not math.isfinite(val_bpb):
         fail("nan", f"val_bpb is {val_bpb}")
     tokens = step * TOTAL_BATCH_SIZE
-    mfu = 100 * flops_per_token * tokens / training_time / peak if peak and training_time else 0.0
+    timed_tokens = (step - warmup_steps) * TOTAL_BATCH_SIZE
+    mfu = mfu_percent(flops_per_token, timed_tokens, training_time, peak)
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {training_time:.1f}")

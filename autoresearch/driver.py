@@ -84,15 +84,6 @@ class Job:
     candidate: object = None
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def default_worker(slot=None):
     """host/device, e.g. gpubox/cuda:3; CPU workers sharing a machine are told apart by slot."""
     import torch
@@ -275,13 +266,13 @@ class Driver:
         if self.code_mode:  # a code edit kept by a loop that died before writing its row
             want = self.source_of(inc)
             if want is not None and self.fingerprint(want) != self.fingerprint(current):
-                _write_atomic(self.train_path, patch_constants(want, {"SEED": self.base_seed}))
+                ledger_mod.write_atomic(self.train_path, patch_constants(want, {"SEED": self.base_seed}))
                 self.log(f"restored train.py to the incumbent's code (config {inc.id})")
                 return
         now = self.searched(current)
         drift = {n: v for n, v in inc.params.items() if now.get(n) != v}
         if drift:
-            _write_atomic(self.train_path, patch_constants(current, drift))
+            ledger_mod.write_atomic(self.train_path, patch_constants(current, drift))
             self.log(f"restored train.py to the incumbent (config {inc.id}, mean val_bpb "
                      f"{inc.mean:.6f} over {inc.n} runs): {', '.join(sorted(drift))}")
 
@@ -558,7 +549,7 @@ class Driver:
         row["runs"] = mine.n
         row["mean_bpb"] = mine.mean if status != "crash" and mine.mean is not None else 0.0
         if status == "keep" and (inc is None or config != inc.id):
-            _write_atomic(self.train_path, patch_constants(source, {"SEED": self.base_seed}))
+            ledger_mod.write_atomic(self.train_path, patch_constants(source, {"SEED": self.base_seed}))
         row["commit"] = self._commit(source, status == "keep" and (inc is None or config != inc.id),
                                      f"val_bpb {mine.mean or 0:.6f} over {mine.n} runs: {description}")
         self.record.finish(trial, row)

@@ -15,6 +15,7 @@ import fcntl
 import json
 import math
 import os
+import threading
 import time
 
 from autoresearch import history
@@ -31,6 +32,17 @@ _FORMATS = {"val_bpb": "{:.6f}", "memory_gb": "{:.1f}", "training_seconds": "{:.
 
 class LedgerError(ValueError):
     """A results file that belongs to another profile, dataset or budget, or is not ours."""
+
+
+def write_atomic(path, text):
+    """Replace `path` with `text` so that a reader or a kill sees the old file or the new one,
+    never half of it (a temporary file per process and thread, fsynced, renamed)."""
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def now_iso():
@@ -98,10 +110,7 @@ class Ledger:
     def write_claim(self):
         if self.claim is None or os.path.exists(self.meta_path):
             return
-        tmp = f"{self.meta_path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.claim | {"created_at": now_iso()}, f, indent=1)
-        os.replace(tmp, self.meta_path)
+        write_atomic(self.meta_path, json.dumps(self.claim | {"created_at": now_iso()}, indent=1))
 
     def append(self, row):
         line = format_row(row).encode("utf-8")
@@ -151,13 +160,7 @@ class Ledger:
         if not os.path.exists(backup):
             with open(self.path, "rb") as src, open(backup, "wb") as dst:
                 dst.write(src.read())
-        tmp = f"{self.path}.tmp.{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
-            f.write("\t".join(COLUMNS) + "\n")
-            f.writelines(format_row(r) for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "\t".join(COLUMNS) + "\n" + "".join(format_row(r) for r in rows))
 
     def _ends_with_newline(self, size):
         with open(self.path, "rb") as f:

@@ -197,8 +197,10 @@ class Sandbox:
 
         def finish(proc):
             report = _read_report(report_r)
-            if not self.isolated:  # no pid namespace: find the trial's processes by their mark
-                report.leftover += _kill_marked(trial_id)
+            # Without a pid namespace, the mark is how the trial's processes are found. With one,
+            # bwrap's inner process can still outlive a trial killed while bwrap was starting:
+            # it sets its death signal only after it is cloned, too late if bwrap is gone by then.
+            report.leftover += _kill_marked(trial_id)
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             return report

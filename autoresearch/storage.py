@@ -548,12 +548,7 @@ def sync_results_tsv(shared, path):
             return [row for _, row in view]  # another worker already wrote this view
         merged = lines | newer
         text = "\t".join(COLUMNS) + "\n" + "".join(merged[t] for t in sorted(merged, key=int))
-        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        ledger.write_atomic(path, text)
     finally:
         os.close(lock)
     return [row for _, row in view]

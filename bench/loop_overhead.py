@@ -8,7 +8,9 @@ prints sum(training_seconds) / wall time of the whole loop process, and the per-
 """
 import argparse
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,12 @@ import pandas as pd
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare  # noqa: E402
+
+
+def summary_value(log_path, key):
+    """The last `key: value` of a trial's summary block."""
+    with open(log_path) as f:
+        return float(re.findall(rf"^{key}:\s+(\S+)", f.read(), re.M)[-1])
 
 
 def main():
@@ -44,9 +52,18 @@ def main():
     train = df.training_seconds.sum()
     print(f"profile {args.profile}  budget {args.budget or profile.time_budget:g}s  trials "
           f"{len(df)} (baseline + {len(df) - 1})  statuses {df.status.value_counts().to_dict()}")
+    startup, evaluation = (statistics.mean(summary_value(os.path.join(work, log), key)
+                                           for log in df.log[df.status != "crash"])
+                           for key in ("startup_seconds", "eval_seconds"))
+    inside = (df.total_seconds - df.training_seconds).mean()
+    outside = (wall - df.total_seconds.sum()) / len(df)
     print(f"wall {wall:.1f}s  training {train:.1f}s  duty cycle {100 * train / wall:.1f}%  "
-          f"overhead {(wall - train) / len(df):.1f}s per trial "
-          f"(of which start-up+eval inside train.py {(df.total_seconds - df.training_seconds).mean():.1f}s)")
+          f"overhead {(wall - train) / len(df):.1f}s per trial:")
+    print(f"  {inside:.1f}s inside train.py (mean startup_seconds {startup:.1f}s, eval_seconds "
+          f"{evaluation:.1f}s)")
+    print(f"  {outside:.1f}s outside it: the interpreter's start before train.py's clock, and the "
+          f"loop (its own start-up shared out, patching, spawning, reading the log, judging, "
+          f"the ledger)")
     shutil.rmtree(work)
 
 

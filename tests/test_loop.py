@@ -94,14 +94,14 @@ def test_threshold_judge_keeps_single_runs(work):
 
 
 def test_real_train_py_race_report_and_recheck(tmp_path, smoke_data):
-    """The real trainer on the smoke profile: a baseline with a learning rate a hundred times
-    too low against the one candidate the space allows (the default rate), raced, kept on its
+    """The real trainer on the smoke profile: a baseline whose output head learns ten times too
+    slowly against the one candidate the space allows (the default rate), raced, kept on its
     mean; then `report` and `recheck` on those runs. Runs train a fixed number of steps, so the only noise is
     the SEED's, whatever the load on the machine."""
     shutil.copy(os.path.join(ROOT, "train.py"), tmp_path / "train.py")
-    set_fake(tmp_path / "train.py", MATRIX_LR=0.0004)
+    set_fake(tmp_path / "train.py", UNEMBEDDING_LR=0.0004)
     (tmp_path / "search_space.yaml").write_text(
-        "smoke:\n  params:\n    MATRIX_LR: {choices: [0.0004, 0.04]}\n")
+        "smoke:\n  params:\n    UNEMBEDDING_LR: {choices: [0.0004, 0.004]}\n")
     env = {"AUTORESEARCH_DATA": smoke_data.dir, "AUTORESEARCH_STEPS": "20"}
     proc = loop_cli(["--trials", "5", "--budget", "30", "--baseline-runs", "2"], tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,7 +115,7 @@ def test_real_train_py_race_report_and_recheck(tmp_path, smoke_data):
     assert (df.profile == "smoke").all() and df.started_at.str.endswith("Z").all()
     for log in df.log:
         assert "\n---\n" in open(tmp_path / log).read()
-    assert "MATRIX_LR = 0.04" in open(tmp_path / "train.py").read()
+    assert "UNEMBEDDING_LR = 0.004" in open(tmp_path / "train.py").read()
     recheck = loop_cli(["recheck", "--runs", "1"], tmp_path, env)  # no --budget: the file's
     assert recheck.returncode == 0, recheck.stderr[-3000:]
     assert "% of the recorded gain survives" in recheck.stdout
