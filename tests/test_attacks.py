@@ -13,11 +13,11 @@ import pytest
 
 from autoresearch import sandbox
 from autoresearch.driver import Driver, Settings
-from conftest import ROOT, SECRET, FakeLLM
+from conftest import ROOT, SECRET, FakeLLM, skip_or_fail_in_ci
 from test_sandbox import DAEMON, Listener, running
 
 BWRAP, WHY_NOT = sandbox.probe()
-needs_sandbox = pytest.mark.skipif(BWRAP is None, reason=f"no sandbox here: {WHY_NOT}")
+needs_sandbox = pytest.mark.usefixtures("bwrap_required")  # skips, or fails under CI
 
 
 def edit(search, replace, rationale="a clever idea"):
@@ -33,7 +33,7 @@ def after_first_step(code):
 def attack(fake_llm_work, monkeypatch, tmp_path):
     """Run one scripted edit past the baseline; returns (row, work dir, train.py before)."""
     if BWRAP is None:
-        pytest.skip(f"no sandbox here: {WHY_NOT}")
+        skip_or_fail_in_ci(f"no sandbox here: {WHY_NOT}")
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
     driver, fake, work = fake_llm_work(timeout=2.0, max_retries=0, scope="code")
     before = open(work / "train.py").read()

@@ -15,11 +15,11 @@ import pytest
 from autoresearch import sandbox
 from autoresearch.patch import patch_constants
 from autoresearch.runner import run_trial
-from conftest import ROOT
+from conftest import ROOT, skip_or_fail_in_ci
 
 FAKE = open(os.path.join(ROOT, "tests", "fixtures", "fake_train.py")).read()
 BWRAP, WHY_NOT = sandbox.probe()
-needs_bwrap = pytest.mark.skipif(BWRAP is None, reason=f"no sandbox here: {WHY_NOT}")
+needs_bwrap = pytest.mark.usefixtures("bwrap_required")  # skips, or fails under CI
 
 
 def fake_with(code, **constants):
@@ -32,7 +32,7 @@ def fake_with(code, **constants):
 def box(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
     if BWRAP is None:
-        pytest.skip(f"no sandbox here: {WHY_NOT}")
+        skip_or_fail_in_ci(f"no sandbox here: {WHY_NOT}")
     return sandbox.Sandbox(BWRAP)
 
 
@@ -245,6 +245,21 @@ def test_an_older_bwrap_gets_no_options_it_lacks(tmp_path):
         args = sandbox._base_args(str(old))
         assert ("--size" in args, "--perms" in args) == (size, perms)
         assert sandbox.probe(str(old)) == (str(old), None)
+
+
+@needs_bwrap
+def test_an_interpreter_in_a_hidden_place_still_runs(tmp_path):
+    """A checkout and its venv in /tmp (where CI may clone), reached through a symlink: the
+    sandbox hides /tmp, and shows the interpreter again as named and as resolved."""
+    venv = tmp_path / "real-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (tmp_path / "checkout").mkdir()
+    (tmp_path / "checkout" / ".venv").symlink_to(venv)
+    python = tmp_path / "checkout" / ".venv" / "bin" / "python"
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from autoresearch import sandbox; "
+            f"print(sandbox.probe({BWRAP!r}))")
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == repr((BWRAP, None)), out.stdout + out.stderr
 
 
 def test_a_bwrap_that_cannot_build_a_sandbox_is_detected(tmp_path):
