@@ -197,10 +197,13 @@ class Sandbox:
 
         def finish(proc):
             report = _read_report(report_r)
-            # Without a pid namespace, the mark is how the trial's processes are found. With one,
-            # bwrap's inner process can still outlive a trial killed while bwrap was starting:
-            # it sets its death signal only after it is cloned, too late if bwrap is gone by then.
-            report.leftover += _kill_marked(trial_id)
+            stray = _kill_marked(trial_id)
+            if not self.isolated:  # no pid namespace: the mark is how leftovers are found
+                report.leftover += stray
+            # With one, the supervisor reports leftovers; what carries the mark here is bwrap's
+            # own inner process, still exiting, or orphaned by a trial killed while bwrap was
+            # starting (it sets its death signal once cloned, too late if bwrap is gone by
+            # then): it goes, and is nothing the trial did.
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             return report
