@@ -638,7 +638,8 @@ class Driver:
         started = ledger_mod.now_iso()
         try:
             outcome, source, note = self.run_job(trial, job, on_line)
-            if job.candidate is not None and job.candidate.meta.get("llm"):
+            if job.purpose == "new" and job.candidate is not None \
+                    and job.candidate.meta.get("llm"):  # once per proposal, not per re-run
                 self._keep_proposal(trial, job.candidate.meta)
         except BaseException:
             # never leave a reserved trial without its row (Ctrl-C outside the trainer, a bug)

@@ -181,3 +181,17 @@ def test_the_prompt_carries_curves_and_the_report_sums_the_cost(llm_work):
     assert "llm cost (llm): 3 proposals, 480 tokens" in text  # 120 + 120 + 2 x 120 (repair)
     assert "valid 2, after repair 0, fell back 1" in text
     assert "incumbent's latest run: loss 6.00" in text
+
+
+def test_a_raced_proposal_is_costed_once(fake_llm_work):
+    """Its re-runs carry the proposal along (the proposer hears the verdict), not its cost."""
+    from autoresearch import report
+    driver, fake, work = fake_llm_work(judge="noise", timeout=1.0, max_retries=2)
+    fake.script = [ok({"MATRIX_LR": 0.08})]
+    rows = [driver.step(t) for t in range(1, 6)]
+    raced = [r for r in rows if "llm: because" in r["description"]]
+    assert len(raced) == 2 and raced[-1]["status"] == "keep", [r["description"] for r in rows]
+    assert len(list(work.glob("runs/*/proposal.json"))) == 1
+    df = report.load_results(str(work / "results.tsv"))
+    text = report.format_summary(report.summarize(df, results_dir=str(work)))
+    assert "llm cost (llm): 1 proposals, 120 tokens" in text
