@@ -18,6 +18,7 @@ of a race: numbering continues and train.py is restored to the incumbent if it d
 import argparse
 import contextlib
 import os
+import signal
 import sys
 
 from autoresearch.driver import Driver, LoopError, Settings
@@ -103,6 +104,9 @@ def run_workers(args, argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    # A loop started with `&` from a script inherits SIGINT ignored, and Python then leaves it
+    # so: `kill -INT` (how workers are stopped) would do nothing. Ctrl-C must always stop it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
     if argv[:1] == ["recheck"]:

@@ -32,10 +32,10 @@ def machine(root, name, sleep=0.3):
     return work
 
 
-def start(work, args, data):
+def start(work, args, data, **popen):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "loop.py"), *args], cwd=work,
                             env=dict(os.environ, AUTORESEARCH_DATA=data.dir),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def finish(proc, timeout=300):
@@ -124,9 +124,14 @@ def test_kill_9_of_a_worker_loses_only_its_run(url, tmp_path, smoke_data):
     assert set(df.worker) == {f"{os.uname().nodename}/cpu"}
 
 
-def test_ctrl_c_stops_every_worker_and_records_their_runs(tmp_path, smoke_data):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_stops_every_worker_and_records_their_runs(tmp_path, smoke_data, inherited):
+    """Also when started as a script's background job (`loop.py ... &`), which inherits SIGINT
+    ignored: kill -INT must stop it all the same."""
     work = machine(tmp_path, "box", sleep=30)
-    proc = start(work, ["--workers", "2", "--trials", "10"], smoke_data)
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherited == "ignored" \
+        else None
+    proc = start(work, ["--workers", "2", "--trials", "10"], smoke_data, preexec_fn=ignore)
     deadline = time.time() + 120
     while len(list((work / "runs").glob("*/run.log")) if (work / "runs").exists() else []) < 2:
         assert time.time() < deadline
