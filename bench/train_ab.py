@@ -53,7 +53,6 @@ def run(text, seed, args, workdir):
 
 def step_cost(texts, repeat, workdir):
     """Median seconds of forward+backward and of the optimizer steps, per version."""
-    import torch
     sys.path.insert(0, ROOT)
     setups = {}
     for name, text in texts.items():
