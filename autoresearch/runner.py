@@ -105,7 +105,7 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
             error = _wait(proc, time_limit, stop)
             if error:
                 kill_group(proc)
-            report = launch.finish(proc) if launch else None
+            report = launch.finish(proc, killed=bool(error)) if launch else None
             _kill_leftovers(proc)
             _hang_up(ours)
             server.join(timeout=10)

@@ -138,7 +138,8 @@ class Report:
 @dataclass
 class Launch:
     """How run_trial starts one trial: argv, env and fds for Popen, then started() right after
-    Popen and finish(proc) once the trial's first process has exited."""
+    Popen and finish(proc, killed) once the trial's first process has exited (killed: the loop
+    ended it, on a timeout or Ctrl-C)."""
     argv: list
     env: dict
     pass_fds: tuple
@@ -195,15 +196,15 @@ class Sandbox:
         def started():
             os.close(report_w)
 
-        def finish(proc):
+        def finish(proc, killed=False):
             report = _read_report(report_r)
-            stray = _kill_marked(trial_id)
             if not self.isolated:  # no pid namespace: the mark is how leftovers are found
-                report.leftover += stray
-            # With one, the supervisor reports leftovers; what carries the mark here is bwrap's
-            # own inner process, still exiting, or orphaned by a trial killed while bwrap was
-            # starting (it sets its death signal once cloned, too late if bwrap is gone by
-            # then): it goes, and is nothing the trial did.
+                report.leftover += _kill_marked(trial_id)
+            elif killed:
+                # The supervisor reports leftovers. But a trial killed while bwrap was starting
+                # can orphan bwrap's inner process (its death signal is set once it is cloned,
+                # too late if bwrap is gone by then): found by the mark, it goes unreported.
+                _kill_marked(trial_id)
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             return report
