@@ -22,12 +22,10 @@ import signal
 import sys
 
 from autoresearch.driver import Driver, LoopError, Settings
-from autoresearch.ledger import LedgerError
+from autoresearch.ledger import LedgerError, StorageError
 from autoresearch.patch import PatchError
 from autoresearch.proposers import STRATEGIES
 from autoresearch.space import SpaceError
-
-from autoresearch.storage import StorageError
 
 USER_ERRORS = (LoopError, LedgerError, PatchError, SpaceError, StorageError)
 

@@ -34,6 +34,11 @@ class LedgerError(ValueError):
     """A results file that belongs to another profile, dataset or budget, or is not ours."""
 
 
+class StorageError(RuntimeError):
+    """The shared study cannot be reached or holds something this loop cannot use. (Defined
+    here, not in storage.py, so that catching it does not import Optuna and SQLAlchemy.)"""
+
+
 def write_atomic(path, text):
     """Replace `path` with `text` so that a reader or a kill sees the old file or the new one,
     never half of it (a temporary file per process and thread, fsynced, renamed)."""

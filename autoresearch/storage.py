@@ -38,6 +38,7 @@ from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from autoresearch import ledger
+from autoresearch.ledger import StorageError
 
 log = logging.getLogger("autoresearch.storage")
 
@@ -45,10 +46,6 @@ NEW_COLUMNS = ["config", "runs", "mean_bpb", "worker"]
 COLUMNS = ledger.COLUMNS + [c for c in NEW_COLUMNS if c not in ledger.COLUMNS]
 # What this module adds to a job (in its `job` attribute).
 _RESERVED = ("reservation", "deadline")
-
-
-class StorageError(RuntimeError):
-    """The shared study cannot be reached or holds something this loop cannot use."""
 
 
 def _is_outage(exc):
