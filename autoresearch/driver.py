@@ -266,7 +266,8 @@ class Driver:
         if self.code_mode:  # a code edit kept by a loop that died before writing its row
             want = self.source_of(inc)
             if want is not None and self.fingerprint(want) != self.fingerprint(current):
-                ledger_mod.write_atomic(self.train_path, patch_constants(want, {"SEED": self.base_seed}))
+                ledger_mod.write_atomic(self.train_path,
+                                        patch_constants(want, {"SEED": self.base_seed}))
                 self.log(f"restored train.py to the incumbent's code (config {inc.id})")
                 return
         now = self.searched(current)
