@@ -121,13 +121,18 @@ def main(argv=None):
                        help="noise (default): re-run promising configs and keep only a mean that "
                        "beats the incumbent's with --confidence; threshold: Karpathy's rule, one "
                        "run that beats the incumbent by --min-delta")
-    judge.add_argument("--baseline-runs", type=int, default=3,
+    judge.add_argument("--baseline-runs", type=int, default=Settings.baseline_runs,
                        help="runs of the baseline (SEEDs base, base+1, ...) before the first "
-                       "verdict, so the noise is known (default 3)")
+                       f"verdict, so the noise is known (default {Settings.baseline_runs})")
     judge.add_argument("--max-runs", type=int, default=3,
                        help="noise judge: runs a challenger gets at most (default 3)")
-    judge.add_argument("--confidence", type=float, default=0.95,
-                       help="noise judge: one-sided confidence a keep needs (default 0.95)")
+    judge.add_argument("--confidence", type=float, default=Settings.confidence,
+                       help="noise judge: one-sided confidence a keep needs (default "
+                       f"{Settings.confidence}; the replay of real runs measured under 5%% "
+                       "false keeps with it)")
+    judge.add_argument("--drop", type=float, default=Settings.drop,
+                       help="noise judge: discard a challenger after one run when its t is "
+                       f"below this, instead of running it again (default {Settings.drop})")
     judge.add_argument("--min-delta", type=float, default=0.0,
                        help="threshold judge: keep only if val_bpb beats the incumbent by more")
     judge.add_argument("--first-confidence", type=float,
@@ -207,7 +212,7 @@ def main(argv=None):
     settings = Settings(train_path=args.train, space_path=args.space, results_path=args.results,
                         strategy=args.strategy, seed=args.seed, judge=args.judge,
                         baseline_runs=args.baseline_runs, max_runs=args.max_runs,
-                        confidence=args.confidence, min_delta=args.min_delta,
+                        confidence=args.confidence, min_delta=args.min_delta, drop=args.drop,
                         first_confidence=args.first_confidence or None,
                         incumbent_rule=args.incumbent_rule, prune=args.prune, audit=args.audit,
                         git=args.git, tag=args.tag, time_budget=args.budget,

@@ -45,9 +45,12 @@ class Settings:
     strategy: str = "greedy"
     seed: int = 0
     judge: str = "noise"           # noise | threshold
-    baseline_runs: int = 3         # runs of the baseline before the first verdict
+    # The judge's and the stopping rule's defaults are what the replay of real runs chose
+    # (BENCHMARKS.md, "Replay of real runs"): most true gain at <= 5% false keeps.
+    baseline_runs: int = 2         # runs of the baseline before the first verdict
     max_runs: int = 3              # noise judge: runs a challenger gets at most
-    confidence: float = 0.95       # noise judge: one-sided confidence a keep needs
+    confidence: float = 0.8        # noise judge: one-sided confidence a keep needs
+    drop: float = 0.5              # noise judge: a first run with t below this is discarded
     min_delta: float = 0.0         # threshold judge: the margin a single run must beat
     git: bool = False
     tag: str = None
@@ -66,12 +69,12 @@ class Settings:
     lost_after: float = 60.0       # shared study: silence after which a trial is crash `lost`
     poll_seconds: float = 5.0      # how often a worker with nothing to run looks again
     run_fn: Callable = None        # runs one trial (default runner.run_trial); benchmarks swap it
-    prune: str = "off"             # on | off: stop runs whose curve trails the incumbent's
-    prune_start: float = 0.3       # earliest progress a run may be stopped at
-    prune_sigmas: float = 3.0      # how far behind (in the noise at that progress) it must be
+    prune: str = "on"              # on | off: stop runs whose curve trails the incumbent's
+    prune_start: float = 0.1       # earliest progress a run may be stopped at
+    prune_sigmas: float = 2.5      # how far behind (in the noise at that progress) it must be
     audit: float = 0.1             # share of would-be-stopped runs let finish, to check the rule
     first_confidence: float = None  # noise judge: keep on one run this far ahead (None: never)
-    incumbent_rule: str = "race"   # noise judge: race | close (when the incumbent is re-run)
+    incumbent_rule: str = "close"  # noise judge: race | close (when the incumbent is re-run)
     paired: bool = False           # noise judge: compare runs without their SEED's shared luck
     # auto | on | off (autoresearch/sandbox.py); default $AUTORESEARCH_SANDBOX, else auto
     sandbox: str = field(default_factory=lambda: os.environ.get("AUTORESEARCH_SANDBOX", "auto"))
@@ -133,7 +136,7 @@ class Driver:
         try:
             self.judge = make_judge(settings.judge, confidence=settings.confidence,
                                     max_runs=settings.max_runs, min_delta=settings.min_delta,
-                                    min_runs=min(2, settings.max_runs),
+                                    min_runs=min(2, settings.max_runs), drop=settings.drop,
                                     first_confidence=settings.first_confidence,
                                     incumbent_rule=settings.incumbent_rule,
                                     paired=settings.paired)

@@ -42,7 +42,11 @@ from autoresearch.space import load_space  # noqa: E402
 
 JUDGES = {  # name -> Settings overrides
     "threshold": dict(judge="threshold", baseline_runs=3),
-    "noise": dict(judge="noise"),
+    # the noise judge before the replay of real runs (--confidence and --drop apply to it)
+    "noise": dict(judge="noise", baseline_runs=3, incumbent_rule="race", prune="off"),
+    # the loop's defaults since (confidence 0.8, drop 0.5, 2 baseline runs, the close rule);
+    # the simulated trainer prints no curve, so there is nothing to stop early here
+    "new": dict(judge="noise", prune="off"),
 }
 NULL_SPACE = "cpu:\n  mutate: [1, 2]\n  params:\n" + "".join(
     f"    UNUSED_{i}: {{low: 0.1, high: 1.0, log: true}}\n" for i in range(4))

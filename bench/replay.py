@@ -55,15 +55,19 @@ from autoresearch.runner import Outcome  # noqa: E402
 TABLE = os.path.join(ROOT, "bench", "replay", "cpu-20s.jsonl")
 
 # name -> Settings overrides. "new" is the noise judge with every part that the replay showed
-# to pay; each part alone is its own variant, so its worth is measured.
+# to pay (Settings' defaults); each part alone is its own variant, so its worth is measured.
+TODAY = dict(judge="noise", confidence=0.95, drop=0.0, baseline_runs=3, incumbent_rule="race",
+             prune="off")                      # the noise judge before the replay
+CONFIRM = dict(judge="noise", confidence=0.8, drop=0.5, baseline_runs=2, incumbent_rule="close")
+PRUNE = dict(prune="on", prune_start=0.1, prune_sigmas=2.5)
 VARIANTS = {
-    "threshold": dict(judge="threshold"),
-    "noise": dict(judge="noise"),
-    "confirm": dict(judge="noise", first_confidence=0.99, incumbent_rule="close"),
-    "prune": dict(judge="noise", prune="on"),
-    "new": dict(judge="noise", first_confidence=0.99, incumbent_rule="close", prune="on"),
-    "pair": dict(judge="noise", paired=True),
-    "threshold+prune": dict(judge="threshold", prune="on"),
+    "threshold": dict(judge="threshold", baseline_runs=1, prune="off"),  # Karpathy's rule
+    "threshold+prune": dict(judge="threshold", baseline_runs=2, **PRUNE),  # (noise at p: 2 runs)
+    "noise": TODAY,
+    "confirm": dict(CONFIRM, prune="off"),
+    "prune": dict(TODAY, **PRUNE),
+    "pair": dict(CONFIRM, paired=True, **PRUNE),
+    "new": dict(CONFIRM, **PRUNE),             # the loop's defaults
 }
 
 

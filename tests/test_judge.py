@@ -171,6 +171,13 @@ class Script:
         return Outcome(True, "", {"val_bpb": value, "training_seconds": 1.0}, 0, 0.1, log)
 
 
+# The race rules these tests script (the noise judge before the replay of real runs chose
+# today's defaults): three baseline runs, 95%, a re-run of the incumbent at every race.
+RACE = dict(baseline_runs=3, confidence=0.95, drop=0.0, incumbent_rule="race", prune="off")
+RACE_FLAGS = ["--baseline-runs", "3", "--confidence", "0.95", "--drop", "0",
+              "--incumbent-rule", "race", "--prune", "off"]
+
+
 @pytest.fixture
 def scripted(tmp_path, smoke_data, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
@@ -181,7 +188,8 @@ def scripted(tmp_path, smoke_data, monkeypatch):
 
     def make(values, **settings):
         script = Script(values)
-        return Driver(Settings(run_fn=script, seed=0, **settings), log=lambda *a: None), script
+        return Driver(Settings(run_fn=script, seed=0, **(RACE | settings)),
+                      log=lambda *a: None), script
     return make
 
 
@@ -236,7 +244,7 @@ def test_resume_after_kill_9_during_a_retest(tmp_path, smoke_data, monkeypatch):
     (tmp_path / "search_space.yaml").write_text(
         "smoke:\n  mutate: [1, 1]\n  params:\n    MATRIX_LR: {choices: [0.04, 0.08]}\n")
     set_fake(tmp_path / "train.py", SLEEP=0.6)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "loop.py"), "--trials", "9"],
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "loop.py"), "--trials", "9", *RACE_FLAGS],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     results = tmp_path / "results.tsv"
@@ -249,7 +257,7 @@ def test_resume_after_kill_9_during_a_retest(tmp_path, smoke_data, monkeypatch):
     proc.wait()
     df = pd.read_csv(results, sep="\t")
     assert df.status.tolist() == ["keep"] * 3 + ["retest", "keep"]
-    resumed = loop_cli(["--trials", "1"], tmp_path)
+    resumed = loop_cli(["--trials", "1", *RACE_FLAGS], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     df = pd.read_csv(results, sep="\t")
     assert df.trial.tolist() == list(range(6))

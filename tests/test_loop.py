@@ -46,7 +46,8 @@ def loop_cli(args, cwd, env_extra=None, **kw):
 def test_greedy_ratchet_is_cumulative_and_train_py_holds_the_best(work):
     """The noise judge on a repeatable trainer: the baseline runs three times, a better
     challenger is re-run once before it is kept, a worse one is discarded after one run."""
-    driver = Driver(Settings(seed=3, grace=30), log=lambda *a: None)
+    driver = Driver(Settings(seed=3, grace=30, baseline_runs=3, confidence=0.95, drop=0.0,
+                             incumbent_rule="race", prune="off"), log=lambda *a: None)
     rows = [driver.step(t) for t in range(3)]
     assert [r["status"] for r in rows] == ["keep"] * 3 and {r["config"] for r in rows} == {rows[0]["config"]}
     assert [r["seed"] for r in rows] == [42, 43, 44] and rows[2]["runs"] == 3
@@ -103,7 +104,9 @@ def test_real_train_py_race_report_and_recheck(tmp_path, smoke_data):
     (tmp_path / "search_space.yaml").write_text(
         "smoke:\n  params:\n    UNEMBEDDING_LR: {choices: [0.0004, 0.004]}\n")
     env = {"AUTORESEARCH_DATA": smoke_data.dir, "AUTORESEARCH_STEPS": "20"}
-    proc = loop_cli(["--trials", "5", "--budget", "30", "--baseline-runs", "2"], tmp_path, env)
+    proc = loop_cli(["--trials", "5", "--budget", "30", "--baseline-runs", "2", "--confidence",
+                     "0.95", "--drop", "0", "--incumbent-rule", "race", "--prune", "off"],
+                    tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_csv(tmp_path / "results.tsv", sep="\t")
     assert len(df) == 5 and df.description[0] == "baseline" and (df.status != "crash").all()

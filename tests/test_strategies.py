@@ -95,7 +95,7 @@ def test_resume_feeds_config_means_to_the_study(strategy, tmp_path, smoke_data, 
     for c in decided_before.values():  # the means, not single runs
         assert any(abs(v - c.mean) < 1e-9 for v in told), (c.mean, told)
     baseline = next(c for c in decided_before.values() if c.kind == "baseline")
-    assert baseline.n >= 3 and not any(abs(v - x) < 1e-9 for v in told for x in baseline.values)
+    assert baseline.n >= Settings().baseline_runs and not any(abs(v - x) < 1e-9 for v in told for x in baseline.values)
     df = pd.read_csv("results.tsv", sep="\t")
     assert len(df) == 14 and df.trial.tolist() == list(range(14))
     for config, group in df.groupby("config"):
