@@ -367,6 +367,8 @@ def step_main(c, data_dir, limit):
     t = loop_trial(c, "main", data_dir, plan.main_budget, limit)
     c.row(name, "run", f"{trial_status(t)}: loop.py --trials 1, budget {plan.main_budget:g} s, "
           f"loop wall {t['wall']:.0f} s")
+    first = next((line for line in t["log"].splitlines() if line.startswith("profile ")), "")
+    c.row(name, "trainer's first line", first[:200] or "none")
     s = t["summary"]
     compiled = ", compiled" in t["log"]
     total_batch = prepare.PROFILES[plan.main_profile].train["TOTAL_BATCH_SIZE"]

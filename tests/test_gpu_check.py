@@ -74,6 +74,24 @@ def test_missing_packages_install_offline_from_the_wheels_folder(tmp_path):
     assert out.strip() == "42"
 
 
+def test_a_failed_or_late_step_is_a_row_and_a_hung_command_is_stopped(tmp_path):
+    args = gpu_check.argparse.Namespace(dry_run=True, h100_budget=None, colab_budget=None,
+                                        deadline=None)
+    c = gpu_check.Check(gpu_check.make_plan(args), str(tmp_path), str(tmp_path))
+    try:
+        assert c.step("broken", lambda limit: 1 / 0, 60) is None
+        rc, out, secs = c.run([sys.executable, "-c", "import time; print('started', flush=True); "
+                               "time.sleep(60)"], limit=2)
+        c.plan.deadline = 0  # the check's time is spent: later steps are skipped, not run
+        assert c.step("late", lambda limit: pytest.fail("ran past the deadline"), 60) is None
+    finally:
+        c.close()
+    assert (rc, "started" in out) == ("timeout", True) and secs < 30
+    assert [(r.check, r.value) for r in c.rows] == [
+        ("broken", "FAILED: ZeroDivisionError: division by zero"),
+        ("late", "SKIPPED: the check's time is spent")]
+
+
 def make_wheel(folder, module, version="1.0"):
     """A minimal pure-Python wheel, so the offline install is tested without a registry."""
     dist = f"{module}-{version}.dist-info"
@@ -126,7 +144,7 @@ def test_dry_run_walks_every_step_and_fills_the_table(tmp_path):
         ("environment", "python, torch"), ("environment", "device"),
         ("environment", "missing before the check"),
         ("data", "smoke profile, synthetic source"),
-        (base, "run"), (base, "tokens/s"), (base, "MFU"),
+        (base, "run"), (base, "trainer's first line"), (base, "tokens/s"), (base, "MFU"),
         (base, "start-up (before the first step)"),
         (base, "compile"), (base, "eval"), (base, "peak memory"), (base, "val_bpb, steps"),
         (base, "duty cycle at 300 s, one cold trial"),
