@@ -520,9 +520,15 @@ def step_sandbox(c, data_dir, limit):
                    extra_env={"AUTORESEARCH_MEMORY_GB": str(memory_gb),
                               "AUTORESEARCH_DTYPE": "fp16"})
     # the loop announces its sandbox after its progress bar's carriage return, mid-line
-    mode = re.search(r"sandbox: (bubblewrap|FALLBACK)[^\r\n]*", t["out"])
+    said = re.search(r"sandbox: (bubblewrap|FALLBACK)[^\r\n]*", t["out"])
+    said = said.group(0) if said else ""
+    mode = ("isolated by bubblewrap" if said.startswith("sandbox: bubblewrap") else
+            "FALLBACK, not isolated (why: the probe's row)" if said else
+            "no sandbox line from the loop")
+    limit_said = re.search(r"memory ([\d.]+ GiB|unlimited)", said)
     c.row("sandbox", "one trial through loop.py --sandbox auto",
-          f"{trial_status(t)}; {mode.group(0)[:160] if mode else 'no sandbox line'}")
+          f"{trial_status(t)}; {mode}; the loop's memory limit: "
+          f"{limit_said.group(1) if limit_said else 'not said'}")
     c.row("sandbox", "RLIMIT_DATA next to CUDA",
           f"{memory_gb} GiB (AUTORESEARCH_MEMORY_GB): "
           + ("the trial ran under it" if trial_status(t) == "ok" else "the trial failed under it"))

@@ -188,7 +188,8 @@ def test_dry_run_walks_every_step_and_fills_the_table(tmp_path):
                                "largest change")][0]) > tol
     assert rows[(checks, "non-causal model: prepare's own check")][0] == "non-causal"
 
-    assert rows[("sandbox", "one trial through loop.py --sandbox auto")][0].startswith("ok;")
+    sandboxed = rows[("sandbox", "one trial through loop.py --sandbox auto")][0]
+    assert sandboxed.startswith("ok; ") and re.search(r"memory limit: [\d.]+ GiB$", sandboxed)
     assert number(rows[("sandbox", "RLIMIT_DATA next to CUDA")][0]) >= 1
     assert number(rows[("whole check", "wall")][0]) > 0
     log = (out / "gpu_check.log").read_text()
