@@ -133,6 +133,24 @@ def main(argv=None):
                        help="noise judge: one-sided confidence a keep needs (default 0.95)")
     judge.add_argument("--min-delta", type=float, default=0.0,
                        help="threshold judge: keep only if val_bpb beats the incumbent by more")
+    judge.add_argument("--first-confidence", type=float,
+                       default=Settings.first_confidence,
+                       help="noise judge: keep a first run at once when it is ahead with this "
+                       "confidence (a challenger many sigma ahead needs no repeat); 0 turns it "
+                       f"off (default {Settings.first_confidence})")
+    judge.add_argument("--incumbent-rule", choices=["race", "close"],
+                       default=Settings.incumbent_rule,
+                       help="noise judge: re-run the incumbent at the start of every race, or "
+                       "only while another run of it could change the verdict (default "
+                       f"{Settings.incumbent_rule})")
+    judge.add_argument("--prune", choices=["on", "off"], default=Settings.prune,
+                       help="stop a challenger's run whose smoothed loss trails the incumbent's "
+                       "at the same progress by more than the noise there allows (row status "
+                       f"pruned; default {Settings.prune})")
+    judge.add_argument("--audit", type=float, default=Settings.audit,
+                       help="share of runs the stopping rule would stop that run to the end "
+                       "anyway, so `report` measures its false-prune rate (default "
+                       f"{Settings.audit})")
     many = ap.add_argument_group("many workers (one study shared through a database)")
     many.add_argument("--workers", type=int, default=1,
                       help="run N loops on this machine, one per GPU (--gpus to choose), "
@@ -193,6 +211,8 @@ def main(argv=None):
                         strategy=args.strategy, seed=args.seed, judge=args.judge,
                         baseline_runs=args.baseline_runs, max_runs=args.max_runs,
                         confidence=args.confidence, min_delta=args.min_delta,
+                        first_confidence=args.first_confidence or None,
+                        incumbent_rule=args.incumbent_rule, prune=args.prune, audit=args.audit,
                         git=args.git, tag=args.tag, time_budget=args.budget, grace=args.grace,
                         storage=args.storage, study=args.study, worker_slot=args.worker_slot,
                         sandbox=args.sandbox,

@@ -23,6 +23,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 
 FRACTIONS = (0.10, 0.25, 0.50, 0.75, 1.00)
+# Where a running trial is compared with the incumbent's runs (judge.EarlyStop).
+CHECKPOINTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 LEGEND = ("curve: smoothed train loss at 10, 25, 50, 75 and 100% of the time budget (- where the "
           "run stopped before), steps, tokens/s, and the curve's shape")
 SIGNALS = ("improving", "plateaued", "noisy", "diverging")
@@ -40,6 +42,7 @@ class Curve:
     tok_s: float = 0.0       # median tokens/s over the reports after the first 10% of the budget
     signal: str = ""         # one of SIGNALS, or "" when the log is too short to say
     failed: str = ""         # train.py's FAIL reason, if it printed one
+    checkpoints: list = None  # the smoothed loss at each of CHECKPOINTS (None where unknown)
 
     def line(self):
         """One line for a prompt or a report; LEGEND says once what its losses are."""
@@ -86,10 +89,11 @@ def curve_of(text):
     if not points:
         return Curve(losses=[None] * len(FRACTIONS), failed=failed)
     finite = [(p, loss) for _, p, loss, _ in points if math.isfinite(loss)]
-    losses = [_at(finite, f) for f in FRACTIONS]
+    losses = [loss_at(finite, f) for f in FRACTIONS]
     late = [t for _, p, _, t in points if p > 0.10] or [t for *_, t in points]
     return Curve(losses=losses, steps=points[-1][0], tok_s=statistics.median(late),
-                 signal=signal_of(finite, failed), failed=failed)
+                 signal=signal_of(finite, failed), failed=failed,
+                 checkpoints=[loss_at(finite, p) for p in CHECKPOINTS])
 
 
 def curve_of_log(path):
@@ -110,7 +114,7 @@ def signal_of(points, failed=""):
     last, end = points[-1]
     lowest = min(loss for _, loss in points)
     # The last quarter and the second half of what ran: all of the budget, unless it stopped.
-    at75 = _at(points, 0.75 * last)
+    at75 = loss_at(points, 0.75 * last)
     if end > lowest * (1 + DIVERGING) and end > at75:
         return "diverging"
     half = [loss for p, loss in points if p >= 0.5 * last]
@@ -122,9 +126,9 @@ def signal_of(points, failed=""):
     return "improving" if at75 - end > IMPROVING * end else "plateaued"
 
 
-def _at(points, fraction):
-    """The loss at fraction of the budget, linearly between the reports around it; None past
-    the last report (a run that stopped early)."""
+def loss_at(points, fraction):
+    """The loss at fraction of the budget from [(progress, smoothed loss)], linearly between
+    the reports around it; None past the last report (a run that stopped early)."""
     if not points or fraction > points[-1][0] + 0.02:
         return None
     if fraction <= points[0][0]:
@@ -145,3 +149,21 @@ def _fmt_rate(x):
     if x >= 1e3:
         return f"{x / 1e3:.1f}k"
     return f"{x:.0f}"
+
+
+def noise_at(groups):
+    """{checkpoint: pooled standard deviation of the smoothed loss between runs of one config}
+    from groups of runs' {checkpoint: loss}, one group per config run more than once; a
+    checkpoint that no config has two losses at is left out."""
+    out = {}
+    for p in CHECKPOINTS:
+        squares, dof = 0.0, 0
+        for group in groups:
+            losses = [g[p] for g in group if g.get(p) is not None]
+            if len(losses) > 1:
+                m = sum(losses) / len(losses)
+                squares += sum((x - m) ** 2 for x in losses)
+                dof += len(losses) - 1
+        if dof:
+            out[p] = math.sqrt(squares / dof)
+    return out

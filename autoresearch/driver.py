@@ -11,6 +11,7 @@ row. loop.py and the notebook both drive this class.
 """
 import json
 import os
+import random
 import shutil
 import socket
 import time
@@ -21,7 +22,7 @@ import prepare
 from autoresearch import curves, edits, history
 from autoresearch import ledger as ledger_mod
 from autoresearch import sandbox as sandbox_mod
-from autoresearch.judge import make_judge
+from autoresearch.judge import EarlyStop, make_judge
 from autoresearch.memory import oom_observations, shrink_to_fit
 from autoresearch.patch import patch_constants, read_constants
 from autoresearch.proposers import LLM_STRATEGIES, Context, make_proposer
@@ -65,6 +66,13 @@ class Settings:
     lost_after: float = 60.0       # shared study: silence after which a trial is crash `lost`
     poll_seconds: float = 5.0      # how often a worker with nothing to run looks again
     run_fn: Callable = None        # runs one trial (default runner.run_trial); benchmarks swap it
+    prune: str = "off"             # on | off: stop runs whose curve trails the incumbent's
+    prune_start: float = 0.3       # earliest progress a run may be stopped at
+    prune_sigmas: float = 3.0      # how far behind (in the noise at that progress) it must be
+    audit: float = 0.1             # share of would-be-stopped runs let finish, to check the rule
+    first_confidence: float = None  # noise judge: keep on one run this far ahead (None: never)
+    incumbent_rule: str = "race"   # noise judge: race | close (when the incumbent is re-run)
+    paired: bool = False           # noise judge: compare runs without their SEED's shared luck
     # auto | on | off (autoresearch/sandbox.py); default $AUTORESEARCH_SANDBOX, else auto
     sandbox: str = field(default_factory=lambda: os.environ.get("AUTORESEARCH_SANDBOX", "auto"))
 
@@ -125,7 +133,16 @@ class Driver:
         try:
             self.judge = make_judge(settings.judge, confidence=settings.confidence,
                                     max_runs=settings.max_runs, min_delta=settings.min_delta,
-                                    min_runs=min(2, settings.max_runs))
+                                    min_runs=min(2, settings.max_runs),
+                                    first_confidence=settings.first_confidence,
+                                    incumbent_rule=settings.incumbent_rule,
+                                    paired=settings.paired)
+            if settings.prune not in ("on", "off"):
+                raise ValueError(f"prune must be on or off, not {settings.prune!r}")
+            if not 0 <= settings.audit < 1:
+                raise ValueError("the audit share must be at least 0 and below 1")
+            self.stopper = EarlyStop(settings.prune_start, settings.prune_sigmas) \
+                if settings.prune == "on" else None
             llm = dict(settings.llm, log=log) if settings.strategy in LLM_STRATEGIES else settings.llm
             self.proposer = make_proposer(settings.strategy, self.space, settings.seed, llm)
         except ValueError as e:
@@ -152,6 +169,7 @@ class Driver:
         except RatchetError as e:
             raise LoopError(str(e)) from None
         self.pending = {}  # config id -> the proposer's candidate, while its race runs
+        self._curves = {}  # trial -> curves.Curve of a finished run, read once
         self._sandbox = None  # chosen (and announced) when the first trial runs
         self.reload()
         self.base_seed = self._base_seed(seed)
@@ -293,11 +311,17 @@ class Driver:
         for a run whose log is not on this machine."""
         if not run.row.get("log"):
             return None
+        cached = self._curves.get(run.trial)
+        if cached is not None:
+            return cached
         trial_dir = os.path.join(self.results_dir, os.path.dirname(run.row["log"]))
         path = os.path.join(trial_dir, "curve.json")
         try:
             with open(path) as f:
-                return curves.Curve.from_dict(json.load(f))
+                curve = curves.Curve.from_dict(json.load(f))
+            if curve.checkpoints is not None:  # (older files lack them: read the log again)
+                self._curves[run.trial] = curve
+                return curve
         except (FileNotFoundError, ValueError):
             pass
         log = os.path.join(self.results_dir, run.row["log"])
@@ -309,7 +333,35 @@ class Driver:
                 json.dump(curve.as_dict(), f)
         except OSError:
             pass
+        self._curves[run.trial] = curve
         return curve
+
+    # --- stopping hopeless runs ---------------------------------------------------------------
+
+    def early_stop(self, job, trial):
+        """The watch that may stop this job's run (judge.EarlyStop), or None: only a challenger
+        is stopped, never the baseline, the incumbent or a recheck, and only at checkpoints
+        where the incumbent has curves and the noise is known."""
+        if self.stopper is None or job.purpose not in ("new", "retest") \
+                or self.incumbent is None or job.config == self.incumbent.id:
+            return None
+        noise_at = curves.noise_at([[self.checkpoints_of(r) for r in self.runs
+                                     if r.config == c.id and r.finished]
+                                    for c in self.configs.values() if c.n > 1])
+        mine = [self.checkpoints_of(r) for r in self.runs
+                if r.config == self.incumbent.id and r.finished]
+        reference = self.stopper.reference([m for m in mine if m], noise_at)
+        if not reference:
+            return None
+        audit = random.Random(f"{self.s.seed}:{trial}").random() < self.s.audit
+        return self.stopper.watch(reference, audit)
+
+    def checkpoints_of(self, run):
+        """{progress: smoothed loss} of a run at curves.CHECKPOINTS ({} without a log here)."""
+        curve = self.curve_of(run)
+        if curve is None or not curve.checkpoints:
+            return {}
+        return {p: v for p, v in zip(curves.CHECKPOINTS, curve.checkpoints) if v is not None}
 
     def curve_lines(self):
         """config id -> the curve line of its latest finished run (what the LLM reads)."""
@@ -332,9 +384,11 @@ class Driver:
         if any(j.get("config") == config for j in self.running):
             return "another worker is running this configuration now"
         known = self.configs.get(config)
-        if known is not None and (known.n or known.crashes):  # (an interrupted run is no try)
+        if known is not None and known.tried:  # (an interrupted run is no try)
             if known.status == "retest":
                 return f"this configuration is being re-run already (mean {known.mean:.6f} over {known.n})"
+            if known.status == "pruned" and known.mean is None:
+                return "this configuration was tried already and stopped early (pruned)"
             if known.mean is not None:
                 return (f"this configuration was tried already (mean val_bpb {known.mean:.6f} "
                         f"over {known.n} run{'s' if known.n > 1 else ''})")
@@ -361,7 +415,8 @@ class Driver:
         race = next((c for c in self.configs.values() if c.status == "retest"
                      and c.id not in busy), None)
         if race is not None:
-            if inc.crashes < 2 and inc.id not in busy and self.judge.wants_incumbent_run(inc, race):
+            if inc.crashes < 2 and inc.id not in busy and self.judge.wants_incumbent_run(inc, race,
+                                                                                    self.noise):
                 return self._rerun_job(inc, "incumbent", f"during the race of {race.id}")
             return self._rerun_job(race, "retest")
         return self._new_job()
@@ -531,13 +586,16 @@ class Driver:
             "log": os.path.relpath(outcome.log, self.results_dir) if outcome.log else "",
             "config": config, "worker": self.worker,
         }
-        run = history.Run(trial, "discard" if outcome.ok else "crash",  # provisional status
+        provisional = "discard" if outcome.ok else "pruned" if outcome.pruned else "crash"
+        run = history.Run(trial, provisional,  # provisional status
                           row["val_bpb"] if outcome.ok else None, params, config, job.seed,
                           job.strategy, job.kind, description, outcome.error, None, row)
         after = history.configs_of(self.runs + [run])
         mine, inc = after[config], self.incumbent and after[self.incumbent.id]
         reason = outcome.error
-        if not outcome.ok:
+        if outcome.pruned:
+            status = "pruned"
+        elif not outcome.ok:
             status = "crash"
         elif inc is None or config == inc.id:
             status, reason = "keep", "the incumbent"
@@ -548,7 +606,8 @@ class Driver:
             status, reason = verdict.status, verdict.reason
         row["status"] = status
         row["runs"] = mine.n
-        row["mean_bpb"] = mine.mean if status != "crash" and mine.mean is not None else 0.0
+        row["mean_bpb"] = mine.mean if status not in ("crash", "pruned") and mine.mean is not None \
+            else 0.0
         if status == "keep" and (inc is None or config != inc.id):
             ledger_mod.write_atomic(self.train_path, patch_constants(source, {"SEED": self.base_seed}))
         row["commit"] = self._commit(source, status == "keep" and (inc is None or config != inc.id),
@@ -618,6 +677,15 @@ class Driver:
             time.sleep(0 if job is not None else self.s.poll_seconds)
             self.reload()
 
+    def _after_watch(self, outcome, watch, note):
+        """A stopped run's row shows what it used; an audited run says what it escaped."""
+        if outcome.pruned:
+            outcome.summary = {"training_seconds": watch.progress * self.budget,
+                               "total_seconds": outcome.wall_seconds, "num_steps": watch.step}
+        elif watch.audit and watch.reason and outcome.ok:
+            note = "; ".join(filter(None, [note, f"audit: would have been {watch.reason}"]))
+        return note
+
     def _keep_proposal(self, trial, meta):
         """What an LLM proposal cost (tokens, seconds, format, valid/repaired/fallback), as
         runs/<trial>/proposal.json: `loop.py report` sums it per strategy."""
@@ -637,8 +705,11 @@ class Driver:
     def _step(self, trial=None, on_line=None):
         job, trial = self._reserve(trial)
         started = ledger_mod.now_iso()
+        watch = self.early_stop(job, trial)
         try:
-            outcome, source, note = self.run_job(trial, job, on_line)
+            outcome, source, note = self.run_job(trial, job, _watched(on_line, watch))
+            if watch is not None:
+                note = self._after_watch(outcome, watch, note)
             if job.purpose == "new" and job.candidate is not None \
                     and job.candidate.meta.get("llm"):  # once per proposal, not per re-run
                 self._keep_proposal(trial, job.candidate.meta)
@@ -689,14 +760,14 @@ class Driver:
         inc = self.incumbent
         value = float(row["val_bpb"])
         head = (f"trial {row['trial']:>4} {row['status']:>7} "
-                f"{'val_bpb ' + format(value, '.6f') if row['status'] != 'crash' else row['error']}")
+                f"{'val_bpb ' + format(value, '.6f') if row['status'] not in ('crash', 'pruned') else row['error']}")
         where = f"config {row['config']} run {row['runs']}"
         if row["status"] != "crash" and row["runs"] > 1:
             where += f" mean {float(row['mean_bpb']):.6f}"
         if inc is not None and inc.id != row["config"]:
             where += f" | incumbent {inc.mean:.6f} over {inc.n}"
         text = f"{head} | {where} | {row['description']}"
-        if reason and row["status"] != "crash" and reason not in ("the incumbent", "not the incumbent"):
+        if reason and row["status"] not in ("crash", "pruned") and reason not in ("the incumbent", "not the incumbent"):
             text += f" | {reason}"
         return text[:300]
 
@@ -753,7 +824,20 @@ class Driver:
                 "baseline": base.id, "incumbent": inc.id, "noise": self.noise}
 
 
-_DECIDED = ("keep", "discard", "crash")
+_DECIDED = ("keep", "discard", "pruned", "crash")
+
+
+def _watched(on_line, watch):
+    """One per-line callback for the runner: the progress display, then the early-stop watch
+    (whose answer, a reason to stop, is what the runner acts on)."""
+    if watch is None:
+        return on_line
+
+    def both(line):
+        if on_line is not None:
+            on_line(line)
+        return watch(line)
+    return both
 
 
 def _changes_of(run):

@@ -18,6 +18,7 @@ from functools import lru_cache
 from autoresearch.patch import PatchError, patch_constants
 
 FINISHED = ("keep", "discard", "retest")   # statuses of runs that produced a val_bpb
+PRUNED = "pruned"                          # stopped early by the judge: rejected, no val_bpb
 NOT_THE_CONFIGS_FAULT = ("interrupted", "lost")  # crashes that say nothing about the recipe
 CODE_PREFIX = "llm code:"                  # how code-mode descriptions start (also older files)
 CODE_STRATEGY = "llm-code"                 # the strategy column of code-mode edits
@@ -121,9 +122,11 @@ class Config:
     values: list = field(default_factory=list)   # val_bpb of each finished run
     seeds: list = field(default_factory=list)    # every seed it ran with, crashes included
     trials: list = field(default_factory=list)   # every trial number, crashes included
-    status: str = ""            # the judge's latest word: keep | discard | retest | crash
+    status: str = ""            # the judge's latest word: keep | discard | retest | pruned | crash
     crashes: int = 0            # crashes the recipe caused
     errors: list = field(default_factory=list)
+    pruned: int = 0             # runs stopped early
+    by_seed: dict = field(default_factory=dict)  # SEED -> val_bpb of each finished run
 
     @property
     def n(self):
@@ -139,6 +142,11 @@ class Config:
             return None
         m = self.mean
         return math.sqrt(sum((v - m) ** 2 for v in self.values) / (len(self.values) - 1))
+
+    @property
+    def tried(self):
+        """Whether a run of this recipe told anything: a value, a crash it caused, a stop."""
+        return bool(self.values or self.crashes or self.pruned)
 
     @property
     def last_trial(self):
@@ -166,6 +174,10 @@ def configs_of(runs):
             c.seeds.append(run.seed)
         if run.finished:
             c.values.append(run.value)
+            if run.seed is not None:
+                c.by_seed[run.seed] = run.value
+        if run.status == PRUNED:
+            c.pruned += 1
         if run.counts_against_config:
             c.crashes += 1
             c.errors.append(run.error)
@@ -187,13 +199,49 @@ class Noise:
     dof: int          # its degrees of freedom: runs minus configs
     runs: int
     configs: int
+    # The part of each run's luck that comes with its SEED, shared by every config run with it
+    # (a two-way fit, config + SEED, over the same runs), and the spread left without it;
+    # None until two configs share two SEEDs.
+    seed_effects: dict = None
+    paired_std: float = None
+    paired_dof: int = None
 
 
 def noise_floor(configs):
     """The pooled standard deviation over every config that ran more than once, or None."""
-    groups = [c.values for c in configs.values() if c.n > 1]
+    repeated = [c for c in configs.values() if c.n > 1]
+    groups = [c.values for c in repeated]
     if not groups:
         return None
     squares = sum(sum((v - sum(g) / len(g)) ** 2 for v in g) for g in groups)
     dof = sum(len(g) - 1 for g in groups)
-    return Noise(math.sqrt(squares / dof), dof, sum(len(g) for g in groups), len(groups))
+    noise = Noise(math.sqrt(squares / dof), dof, sum(len(g) for g in groups), len(groups))
+    fit = seed_fit([c.by_seed for c in repeated])
+    if fit is not None:
+        noise.seed_effects, noise.paired_std, noise.paired_dof = fit
+    return noise
+
+
+def seed_fit(tables, sweeps=50):
+    """Fit value = config mean + SEED effect on {seed: value} tables (one per config, unbalanced:
+    each config ran some of the SEEDs) by alternating least squares. Returns (SEED -> effect,
+    centred, the residual std, its degrees of freedom: runs - configs - SEEDs + 1), or None
+    where the data cannot separate the two (no SEED shared by two configs, or no dof left)."""
+    tables = [t for t in tables if len(t) > 1]
+    seeds = sorted({s for t in tables for s in t})
+    shared = [s for s in seeds if sum(s in t for t in tables) > 1]
+    n = sum(len(t) for t in tables)
+    dof = n - len(tables) - len(seeds) + 1
+    if not shared or dof < 1:
+        return None
+    effect = dict.fromkeys(seeds, 0.0)
+    for _ in range(sweeps):
+        means = [sum(v - effect[s] for s, v in t.items()) / len(t) for t in tables]
+        for s in seeds:
+            residuals = [t[s] - m for t, m in zip(tables, means) if s in t]
+            effect[s] = sum(residuals) / len(residuals)
+        centre = sum(effect.values()) / len(effect)
+        effect = {s: e - centre for s, e in effect.items()}
+    means = [sum(v - effect[s] for s, v in t.items()) / len(t) for t in tables]
+    squares = sum((v - m - effect[s]) ** 2 for t, m in zip(tables, means) for s, v in t.items())
+    return effect, math.sqrt(squares / dof), dof

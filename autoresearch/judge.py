@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 from scipy import stats
 
+from autoresearch import curves
+from autoresearch.protocol import progress_of
+
 SIGMA_FLOOR = 1e-6   # a perfectly repeatable trainer (a fixture) must not divide by zero
 
 
@@ -40,7 +43,7 @@ class ThresholdJudge:
             return Verdict("keep", f"{value:.6f} < {incumbent.mean:.6f} - {self.min_delta:g}")
         return Verdict("discard", f"{value:.6f} does not beat {incumbent.mean:.6f}")
 
-    def wants_incumbent_run(self, incumbent, challenger):
+    def wants_incumbent_run(self, incumbent, challenger, noise=None):
         return False
 
     def describe(self):
@@ -48,21 +51,45 @@ class ThresholdJudge:
 
 
 class NoiseJudge:
+    """Racing with a t-test on the means (see the module's docstring). Two options make the
+    confirmation cost in proportion to the stakes (BENCHMARKS.md, "Replay of real runs"):
+
+    - `first_confidence`: a first run already this far ahead (one-sided, against the
+      incumbent's mean and the pooled noise) is kept at once; a challenger many sigma ahead
+      needs no repeat, one a hair ahead still races. None: every keep needs `min_runs` runs.
+    - `incumbent_rule`: "race" re-runs the incumbent at the start of every race (up to
+      `incumbent_runs`); "close" only while its estimate could change the verdict: it stands on
+      a single run, or the challenger's t is within one unit of the threshold.
+    """
     name = "noise"
 
-    def __init__(self, confidence=0.95, max_runs=3, min_runs=2, drop=0.0, incumbent_runs=6):
+    def __init__(self, confidence=0.95, max_runs=3, min_runs=2, drop=0.0, incumbent_runs=6,
+                 first_confidence=None, incumbent_rule="race", paired=False):
         if not 0.5 < confidence < 1:
             raise ValueError("confidence must be between 0.5 and 1")
         if not 1 <= min_runs <= max_runs:
             raise ValueError("need 1 <= min_runs <= max_runs")
+        if first_confidence is not None and not confidence <= first_confidence < 1:
+            raise ValueError("first_confidence must be between confidence and 1")
+        if incumbent_rule not in ("race", "close"):
+            raise ValueError("incumbent_rule must be race or close")
         self.confidence, self.max_runs, self.min_runs = confidence, max_runs, min_runs
         self.drop, self.incumbent_runs = drop, incumbent_runs
+        self.first_confidence, self.incumbent_rule = first_confidence, incumbent_rule
+        self.paired = paired
 
-    def test(self, challenger, incumbent, noise):
-        """(t statistic, its threshold) for 'the challenger's mean is below the incumbent's'."""
-        se = max(noise.std, SIGMA_FLOOR) * math.sqrt(1 / challenger.n + 1 / incumbent.n)
-        t = (incumbent.mean - challenger.mean) / se
-        return t, float(stats.t.ppf(self.confidence, noise.dof))
+    def test(self, challenger, incumbent, noise, confidence=None):
+        """(t statistic, its threshold) for 'the challenger's mean is below the incumbent's'.
+        Paired: each run's value less its SEED's shared luck (history.seed_fit), so runs on
+        the same SEEDs are compared without it, with the spread left over."""
+        means = [_unlucky_mean(c, noise) for c in (incumbent, challenger)] \
+            if self.paired and noise.paired_std is not None else [None]
+        if None not in means:
+            difference, std, dof = means[0] - means[1], noise.paired_std, noise.paired_dof
+        else:
+            difference, std, dof = incumbent.mean - challenger.mean, noise.std, noise.dof
+        se = max(std, SIGMA_FLOOR) * math.sqrt(1 / challenger.n + 1 / incumbent.n)
+        return difference / se, float(stats.t.ppf(confidence or self.confidence, dof))
 
     def verdict(self, challenger, incumbent, noise):
         n = challenger.n
@@ -77,20 +104,124 @@ class NoiseJudge:
                  f"{incumbent.n}, t {t:+.2f}")
         if t >= needed and n >= self.min_runs:
             return Verdict("keep", f"{where} >= {needed:.2f}")
+        if n < self.min_runs and self.first_confidence is not None:
+            _, first = self.test(challenger, incumbent, noise, self.first_confidence)
+            if t >= first:
+                return Verdict("keep", f"{where} >= {first:.2f}: far enough ahead on one run")
         if t <= self.drop:
             return Verdict("discard", f"{where}: cannot plausibly beat the incumbent")
         if n >= self.max_runs:
             return Verdict("discard", f"{where} < {needed:.2f} after {n} runs")
         return Verdict("retest", f"{where}: promising, run again")
 
-    def wants_incumbent_run(self, incumbent, challenger):
-        """At the start of a race (the challenger's first retest), once, up to the cap."""
-        return (incumbent is not None and incumbent.n < self.incumbent_runs
-                and incumbent.last_trial < challenger.first_trial)
+    def wants_incumbent_run(self, incumbent, challenger, noise=None):
+        """At the start of a race (the challenger's first retest), once, up to the cap; under
+        the "close" rule only when another incumbent run could change the verdict."""
+        if not (incumbent is not None and incumbent.n < self.incumbent_runs
+                and incumbent.last_trial < challenger.first_trial):
+            return False
+        if self.incumbent_rule == "race" or incumbent.n < 2 or noise is None \
+                or challenger.mean is None:
+            return True
+        t, needed = self.test(challenger, incumbent, noise)
+        return abs(t - needed) <= 1.0
 
     def describe(self):
-        return (f"noise: keep when the mean beats the incumbent's at {self.confidence:.0%} "
+        text = (f"noise: keep when the mean beats the incumbent's at {self.confidence:.0%} "
                 f"confidence, {self.min_runs}-{self.max_runs} runs per challenger")
+        if self.first_confidence is not None:
+            text += f", or at once at {self.first_confidence:.1%}"
+        return text
+
+
+class EarlyStop:
+    """The verdict made during a run: stop it when its smoothed train loss at progress p trails
+    the incumbent's runs at the same p by more than the noise at p allows.
+
+    The schedules run by progress through the budget, so curves can cross: the loss at p
+    predicts the final val_bpb only from the progress on where the replay of real runs showed
+    it does (`start`), and a run is stopped only when it is `sigmas` noise units behind, the
+    noise at p being the pooled spread between repeats of one config at that p. Nothing is
+    stopped before the incumbent has curves at that p and the noise at p is known.
+    """
+
+    def __init__(self, start=0.3, sigmas=3.0, checkpoints=None):
+        if not 0 < start < 1 or sigmas <= 0:
+            raise ValueError("need 0 < start < 1 and sigmas > 0")
+        self.start, self.sigmas = start, sigmas
+        self.checkpoints = tuple(checkpoints or curves.CHECKPOINTS)
+
+    def reference(self, incumbent_curves, noise_at):
+        """{p: (incumbent mean loss, its runs, noise at p)} for the checkpoints this rule may
+        stop at: incumbent_curves are {p: loss} of the incumbent's runs, noise_at {p: std}."""
+        out = {}
+        for p in self.checkpoints:
+            if p < self.start - 1e-9 or noise_at.get(p) is None:
+                continue
+            losses = [c[p] for c in incumbent_curves if c.get(p) is not None]
+            if losses:
+                out[p] = (sum(losses) / len(losses), len(losses), noise_at[p])
+        return out
+
+    def check(self, p, loss, reference):
+        """The reason to stop a run at checkpoint p with this smoothed loss, or None."""
+        if p not in reference or loss is None:
+            return None
+        mean, n, std = reference[p]
+        allowed = self.sigmas * max(std, SIGMA_FLOOR) * math.sqrt(1 + 1 / n)
+        if loss > mean + allowed:
+            return (f"pruned at {p:.0%}: loss {loss:.3f}, incumbent {mean:.3f} +- "
+                    f"{std:.3f} over {n} run{'s' if n > 1 else ''}")
+        return None
+
+    def watch(self, reference, audit=False):
+        """A per-line callback for runner.run_trial: the reason to stop, once a checkpoint says
+        so. An audit watch never stops: it notes what it would have said and lets the run
+        finish, so `report` can tell how often a stop would have cost a keep."""
+        return Watch(self, reference, audit)
+
+    def describe(self):
+        return (f"stop a run from {self.start:.0%} of its budget on when its loss trails the "
+                f"incumbent's by over {self.sigmas:g} sigma")
+
+
+class Watch:
+    """Follows one running trial's progress lines for EarlyStop."""
+
+    def __init__(self, rule, reference, audit=False):
+        self.rule, self.reference, self.audit = rule, reference, audit
+        self.points, self.checked = [], set()
+        self.step, self.progress = 0, 0.0
+        self.reason = ""          # why it stopped the run (or, under audit, would have)
+
+    def __call__(self, line):
+        p = progress_of(line)
+        if p is None:
+            return None
+        step, progress, loss = p
+        self.step, self.progress = step, progress
+        if self.reason:       # decided (an audit run goes on; its progress is still followed)
+            return None
+        if self.points and progress < self.points[-1][0]:  # a new attempt (an OOM retry)
+            self.points, self.checked = [], set()
+        self.points.append((progress, loss))
+        for c in self.reference:
+            if c in self.checked or c > progress + 1e-9:
+                continue
+            self.checked.add(c)
+            reason = self.rule.check(c, curves.loss_at(self.points, c), self.reference)
+            if reason:
+                self.reason = reason
+                return None if self.audit else reason
+        return None
+
+
+def _unlucky_mean(config, noise):
+    """A config's mean with each run's SEED effect taken out (a SEED the fit has not seen
+    counts as average luck); None where its runs' SEEDs are not all known."""
+    if len(config.by_seed) != config.n:
+        return None
+    return sum(v - noise.seed_effects.get(s, 0.0) for s, v in config.by_seed.items()) / config.n
 
 
 def make_judge(name="noise", **options):

@@ -8,6 +8,7 @@ machine's results.tsv rewritten as a view of the whole study after every change.
 """
 import os
 
+from autoresearch import history
 from autoresearch import ledger as ledger_mod
 
 
@@ -117,7 +118,7 @@ class SharedRecord:
                                   distributions=self.distributions)
 
     def finish(self, trial, row):
-        value = float(row["val_bpb"]) if row["status"] != "crash" else None
+        value = float(row["val_bpb"]) if row["status"] in history.FINISHED else None
         self.study.finish(trial, row, value)
 
     def put_source(self, key, text):

@@ -94,7 +94,7 @@ def summarize(df, top=5, results_dir=None):
     first_base = min((r for r in runs if r.kind == "baseline"), key=lambda r: r.trial, default=None)
     base = configs[first_base.config] if first_base else None
     challengers = [c for c in configs.values() if base is None or c.id != base.id]
-    decided = [c for c in challengers if c.status in ("keep", "discard")]
+    decided = [c for c in challengers if c.status in ("keep", "discard", history.PRUNED)]
     gain = gain_interval(base, inc, noise) if base is not None and inc is not None \
         and base.id != inc.id else None
     finished = [r for r in runs if r.finished]
@@ -103,6 +103,7 @@ def summarize(df, top=5, results_dir=None):
         "runs": len(runs), "configs": len(challengers),
         "keeps": sum(c.status == "keep" for c in challengers),
         "discards": sum(c.status == "discard" for c in challengers),
+        "pruned": sum(c.status == history.PRUNED for c in challengers),
         "racing": sum(c.status == "retest" for c in challengers),
         "crashes": sum(r.status == "crash" for r in runs),
         "keep_rate": (sum(c.status == "keep" for c in decided) / len(decided)) if decided else 0.0,
@@ -116,7 +117,31 @@ def summarize(df, top=5, results_dir=None):
         "strategies": pd.Series([r.strategy for r in runs], dtype=str).value_counts().to_dict(),
         "llm": llm_costs(df, results_dir) if results_dir else {},
         "incumbent_curve": _latest_curve(runs, inc, results_dir),
+        "pruning": pruning_of(runs, configs),
     }
+
+
+AUDIT = "audit: would have been pruned"
+
+
+def pruning_of(runs, configs):
+    """What stopping runs early did: the runs stopped, the training seconds they used against
+    what full runs used, and the audit (runs the rule would have stopped but let finish): how
+    many of their configs were kept anyway, the false-prune rate measured where the user runs.
+    None when no run was stopped or audited."""
+    pruned = [r for r in runs if r.status == history.PRUNED]
+    audited = [r for r in runs if AUDIT in r.description]
+    if not pruned and not audited:
+        return None
+    full = [float(r.row.get("training_seconds") or 0) for r in runs if r.finished]
+    per_run = sum(full) / len(full) if full else 0.0
+    used = sum(float(r.row.get("training_seconds") or 0) for r in pruned)
+    saved = max(0.0, per_run * len(pruned) - used)
+    kept = sorted({r.config for r in audited if configs[r.config].status == "keep"})
+    return {"pruned": len(pruned), "pruned_seconds": used, "saved_seconds": saved,
+            "saved_share": saved / (sum(full) + used + saved) if full else 0.0,
+            "audited": len(audited), "audited_kept": len(kept),
+            "false_prune_rate": len(kept) / len({r.config for r in audited}) if audited else None}
 
 
 def _latest_curve(runs, config, results_dir):
@@ -188,9 +213,23 @@ def format_recheck(r):
     return text
 
 
+def format_pruning(p):
+    text = (f"pruned: {p['pruned']} run(s) stopped early, {p['pruned_seconds']:.0f} s of "
+            f"training used, about {p['saved_seconds']:.0f} s saved "
+            f"({100 * p['saved_share']:.0f}% of all training)")
+    if p["audited"]:
+        text += (f"; audit: {p['audited']} run(s) that would have been stopped ran to the end, "
+                 f"{p['audited_kept']} of their configs kept (false-prune rate "
+                 f"{100 * p['false_prune_rate']:.0f}%)")
+    else:
+        text += "; audit: none yet"
+    return text
+
+
 def format_summary(s):
     lines = [f"runs: {s['runs']} | configs tried after the baseline: {s['configs']} | kept "
-             f"{s['keeps']} | discarded {s['discards']} | racing {s['racing']} | crashed runs "
+             f"{s['keeps']} | discarded {s['discards']} | pruned {s['pruned']} | racing "
+             f"{s['racing']} | crashed runs "
              f"{s['crashes']} | keep rate {100 * s['keep_rate']:.0f}%"]
     if s["crash_reasons"]:
         lines.append("crashes: " + ", ".join(f"{k or '?'} x{v}" for k, v in s["crash_reasons"].items()))
@@ -216,6 +255,8 @@ def format_summary(s):
                   f"{h['description']}" for h in s["top_hits"]]
     if s["recheck"] is not None:
         lines.append(format_recheck(s["recheck"]))
+    if s.get("pruning"):
+        lines.append(format_pruning(s["pruning"]))
     for strategy, c in sorted(s.get("llm", {}).items()):
         lines.append(f"llm cost ({strategy}): {c['proposals']} proposals, {c['tokens']} tokens, "
                      f"{c['seconds']:.1f} s; valid {c['valid']}, after repair {c['repaired']}, "
@@ -225,8 +266,8 @@ def format_summary(s):
 
 def plot_progress(df, path):
     """Every run as a dot (grey: discarded or racing, green: runs of kept configs, red marks
-    along the bottom: crashes) and the incumbent's mean as a step line. Drawn without pyplot,
-    so a notebook's backend is untouched."""
+    along the bottom: crashes, orange ones: runs stopped early) and the incumbent's mean as a
+    step line. Drawn without pyplot, so a notebook's backend is untouched."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -234,7 +275,8 @@ def plot_progress(df, path):
     fig = Figure(figsize=(11, 5.5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ok = df[df.status != "crash"]
+    ok = df[~df.status.isin(["crash", history.PRUNED])]
+    pruned = df[df.status == history.PRUNED]
     other, keep, crash = ok[ok.status != "keep"], ok[ok.status == "keep"], df[df.status == "crash"]
     ax.scatter(other.trial, other.val_bpb, s=16, color="#b0b0b0", label="run (discarded or racing)",
                zorder=2)
@@ -256,9 +298,13 @@ def plot_progress(df, path):
     if len(crash):
         ax.scatter(crash.trial, [0.02] * len(crash), marker="x", color="#d62728", s=30,
                    transform=ax.get_xaxis_transform(), label="crash", zorder=3, clip_on=False)
+    if len(pruned):
+        ax.scatter(pruned.trial, [0.02] * len(pruned), marker="v", color="#ff7f0e", s=24,
+                   transform=ax.get_xaxis_transform(), label="stopped early (pruned)", zorder=3,
+                   clip_on=False)
     kept = keep.config[keep.config != keep.config.shift()]
     ax.set_title(f"autoresearch: {len(df)} runs, {max(len(kept) - 1, 0)} kept change(s), "
-                 f"{len(crash)} crashed")
+                 f"{len(crash)} crashed" + (f", {len(pruned)} stopped early" if len(pruned) else ""))
     ax.set_xlabel("trial (run)")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(alpha=0.3)

@@ -31,6 +31,7 @@ class Outcome:
     returncode: int = None
     wall_seconds: float = 0.0
     log: str = ""
+    pruned: bool = False          # stopped early on the judge's word (error says where and why)
 
 
 def clean_env(data_dir=None, extra=None):
@@ -56,7 +57,9 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
     """Write `source` as trial_dir/train.py, run it, and return an Outcome. val_bpb is the fixed
     evaluation's, served from here; the trainer's printed one must only agree with it. `sandbox`
     (autoresearch.sandbox.Sandbox, or None for none) confines the trainer. Ctrl-C (SIGINT) kills
-    the trial and returns an 'interrupted' Outcome (the caller re-raises)."""
+    the trial and returns an 'interrupted' Outcome (the caller re-raises). `on_line` sees each
+    output line as it comes; when it returns a non-empty string the trial is stopped there and
+    the Outcome is `pruned`, with that string as its error."""
     data_dir, fixed = fixed_eval(data_dir)
     os.makedirs(trial_dir, exist_ok=True)
     script = os.path.join(trial_dir, "train.py")
@@ -67,6 +70,8 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
     lines = []
     served = {}
     stop = threading.Event()
+    prune = threading.Event()
+    pruned = []
     ours, theirs = socket.socketpair()
     full_env = clean_env(data_dir, env)
     full_env[prepare.EVAL_FD_ENV] = str(theirs.fileno())
@@ -92,8 +97,11 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
                     log.write(line)
                     log.flush()
                     lines.append(line.rstrip("\n"))
-                    if on_line is not None:
-                        on_line(line.rstrip("\n"))
+                    if on_line is not None and not pruned:
+                        reason = on_line(line.rstrip("\n"))
+                        if reason:
+                            pruned.append(reason)
+                            prune.set()
 
             def serve():
                 served["result"] = fixed.serve(conn)
@@ -102,7 +110,7 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
             server = threading.Thread(target=serve, daemon=True)
             reader.start()
             server.start()
-            error = _wait(proc, time_limit, stop)
+            error = _wait(proc, time_limit, stop, prune)
             if error:
                 kill_group(proc)
             report = launch.finish(proc, killed=bool(error)) if launch else None
@@ -118,6 +126,9 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
         ours.close()
     if error == "interrupted":
         return Outcome(False, "interrupted", {}, proc.returncode, time.time() - t0, log_path)
+    if error == "pruned":
+        return Outcome(False, pruned[0], {}, proc.returncode, time.time() - t0, log_path,
+                       pruned=True)
     returncode = report.returncode if report and report.returncode is not None else proc.returncode
     outcome = classify(lines, returncode, error, served.get("result"), sandbox, report)
     outcome.wall_seconds = time.time() - t0
@@ -143,13 +154,16 @@ def _catch_interrupt(stop):
     return signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
 
 
-def _wait(proc, time_limit, stop):
-    """'' when the trainer exits by itself, 'timeout' past the limit, 'interrupted' on Ctrl-C."""
+def _wait(proc, time_limit, stop, prune=None):
+    """'' when the trainer exits by itself, 'timeout' past the limit, 'interrupted' on Ctrl-C,
+    'pruned' when the judge stopped it."""
     deadline = time.monotonic() + time_limit
     while proc.poll() is None:
         remaining = deadline - time.monotonic()
         if stop.is_set():
             return "interrupted"
+        if prune is not None and prune.is_set():
+            return "pruned"
         if remaining <= 0:
             return "timeout"
         stop.wait(min(0.02, remaining))  # the loop notices the exit within 20 ms

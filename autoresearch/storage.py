@@ -37,7 +37,7 @@ import tenacity
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from autoresearch import ledger
+from autoresearch import history, ledger
 from autoresearch.ledger import StorageError
 
 log = logging.getLogger("autoresearch.storage")
@@ -372,7 +372,7 @@ class SharedStudy:
             while at <= int(row["trial"]):
                 gap = at < int(row["trial"])
                 value = _float(row.get("val_bpb"))
-                ok = not gap and row.get("status") != "crash" and value is not None
+                ok = not gap and row.get("status") in history.FINISHED and value is not None
                 attrs = ({"withdrawn": "gap in the imported results"} if gap
                          else {"row": dict(row)})
                 now = datetime.datetime.now()

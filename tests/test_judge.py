@@ -91,6 +91,64 @@ def test_the_incumbent_gets_a_re_run_at_the_start_of_each_race_up_to_a_cap():
     assert not judge.wants_incumbent_run(config([1.0] * 4, first_trial=0), config([0.9]))
 
 
+def test_a_first_run_far_ahead_is_kept_at_once_and_one_a_hair_ahead_races():
+    judge = NoiseJudge(first_confidence=0.99)
+    assert verdicts([0.90], judge=judge) == ["keep"]           # ten sigma ahead
+    assert verdicts([0.985, 0.985, 0.985], judge=judge)[0] == "retest"  # a sigma and a half
+    assert verdicts([0.985, 0.985, 0.985]) == verdicts([0.985, 0.985, 0.985], judge=judge)
+    assert verdicts([0.90]) == ["retest"]                        # today's rule: always a repeat
+    assert "at once at 99.0%" in judge.describe()
+    with pytest.raises(ValueError):
+        NoiseJudge(confidence=0.95, first_confidence=0.9)
+
+
+def test_the_close_rule_re_runs_the_incumbent_only_while_it_could_change_the_verdict():
+    judge = NoiseJudge(incumbent_rule="close")
+    far = config([0.90], first_trial=10)        # far ahead: one more incumbent run changes nothing
+    near = config([0.972], first_trial=10)      # t near the threshold
+    assert not judge.wants_incumbent_run(INCUMBENT, far, NOISE)
+    assert judge.wants_incumbent_run(INCUMBENT, near, NOISE)
+    single = config([1.0], first_trial=0)       # an incumbent kept on one run is re-run
+    assert judge.wants_incumbent_run(single, far, NOISE)
+    assert NoiseJudge().wants_incumbent_run(INCUMBENT, far, NOISE)  # "race": every race
+    with pytest.raises(ValueError):
+        NoiseJudge(incumbent_rule="sometimes")
+
+
+def test_the_seed_fit_finds_luck_shared_across_configs():
+    luck = {1: 0.03, 2: -0.01, 3: -0.02}
+    means = [1.0, 1.2, 0.9, 1.1]
+    tables = [{s: m + luck[s] for s in luck} for m in means]
+    tables.append({1: 1.5 + luck[1], 2: 1.5 + luck[2]})    # unbalanced: SEEDs 1-2 only
+    effects, std, dof = history.seed_fit(tables)
+    assert {s: round(e, 6) for s, e in effects.items()} == luck  # (luck is centred already)
+    assert std == pytest.approx(0.0, abs=1e-9) and dof == 14 - 5 - 3 + 1
+    assert history.seed_fit([{1: 1.0, 2: 1.1}, {3: 1.0, 4: 1.2}]) is None  # no SEED in common
+
+
+def test_pairing_takes_the_seeds_luck_out_of_the_comparison():
+    def on_seeds(values, first_trial=10):
+        c = config(values, first_trial)
+        c.by_seed = dict(enumerate(values, 1))
+        return c
+    luck = [0.02, -0.02, 0.0]                       # SEED 1 unlucky, SEED 2 lucky
+    incumbent = on_seeds([1.0 + x for x in luck], first_trial=0)
+    others = {f"c{i}": on_seeds([m + x + 0.001 * (-1) ** i for x in luck])
+              for i, m in enumerate([1.1, 1.3, 0.95, 1.2])}
+    configs = {"inc": incumbent, **others}
+    noise = history.noise_floor(configs)
+    assert noise.paired_std < noise.std / 5        # most of the spread came with the SEED
+    # a challenger 0.01 better on the same two SEEDs: lost in the noise unpaired, clear paired
+    challenger = on_seeds([0.99 + luck[0], 0.99 + luck[1]])
+    t_unpaired, _ = NoiseJudge().test(challenger, incumbent, noise)
+    t_paired, needed = NoiseJudge(paired=True).test(challenger, incumbent, noise)
+    assert t_unpaired < 1 and t_paired > needed
+    # runs whose SEEDs are unknown (old rows): the unpaired test
+    old = config([0.99 + luck[0], 0.99 + luck[1]])
+    assert NoiseJudge(paired=True).test(old, incumbent, noise)[0] == pytest.approx(
+        NoiseJudge().test(old, incumbent, noise)[0])
+
+
 # --- races in the driver, with scripted values -----------------------------------------------
 
 class Script:

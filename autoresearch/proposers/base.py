@@ -62,8 +62,9 @@ class Proposer:
         raise NotImplementedError
 
     def tell(self, candidate, config):
-        """A config's race is decided: config.status is keep, discard or crash, config.mean its
-        mean over config.n runs. candidate is None when the race began before a restart."""
+        """A config's race is decided: config.status is keep, discard, pruned (stopped early:
+        rejected, mean None unless earlier runs finished) or crash, config.mean its mean over
+        config.n runs. candidate is None when the race began before a restart."""
 
     def reject(self, candidate, known=None):
         """A candidate the driver will not run: it breaks a constraint, or its config was tried

@@ -133,12 +133,12 @@ class CentaurProposer(Proposer):
 
     def tell(self, candidate, config):
         """Every decided config goes into CMA-ES's generation with its mean, whoever proposed
-        it (crashes as a bit worse than the worst result)."""
+        it (crashes and stopped runs as a bit worse than the worst result)."""
         self.llm.tell(candidate, config)
         if candidate is not None and candidate.meta.get("by") == "llm" \
                 and not candidate.meta.get("fallback"):
             self.llm_points += 1
-        self._told(config.params, None if config.status == "crash" else config.mean)
+        self._told(config.params, None if config.status in ("crash", "pruned") else config.mean)
 
     def reject(self, candidate, known=None):
         if candidate.meta.get("by") == "cmaes":  # CMA-ES must hear about every point it sampled

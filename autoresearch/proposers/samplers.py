@@ -80,14 +80,15 @@ class OptunaProposer(Proposer):
         if enc is None:
             return
         state = self.optuna.trial.TrialState
-        value = config.mean if config.status != "crash" else None
+        value = config.mean if config.status not in ("crash", "pruned") else None
+        done = state.PRUNED if config.status == "pruned" else state.FAIL
         self.study.add_trial(self.optuna.trial.create_trial(
-            state=state.COMPLETE if value is not None else state.FAIL, value=value, params=enc,
+            state=state.COMPLETE if value is not None else done, value=value, params=enc,
             distributions=self.dists))
 
     def warm_start(self, ctx):
         self.pending.extend(c for c in ctx.configs.values()
-                            if c.status in ("keep", "discard", "crash") and c.params)
+                            if c.status in ("keep", "discard", "pruned", "crash") and c.params)
 
     def propose(self, ctx):
         self._ensure_study(ctx.best)
@@ -105,13 +106,10 @@ class OptunaProposer(Proposer):
                          meta={"trial": trial})
 
     def tell(self, candidate, config):
-        value = config.mean if config.status != "crash" else None
+        value = config.mean if config.status not in ("crash", "pruned") else None
+        pruned = config.status == "pruned"
         if config.id in self.liars:  # it ran elsewhere: its stand-in gets the real value
-            number = self.liars.pop(config.id)
-            if value is None or not math.isfinite(value):
-                self.study.tell(number, state=self.optuna.trial.TrialState.FAIL)
-            else:
-                self.study.tell(number, value)
+            self._finish_number(self.liars.pop(config.id), value, pruned)
             return
         if candidate is None or candidate.meta.get("trial") is None:
             if self.study is None:
@@ -119,17 +117,24 @@ class OptunaProposer(Proposer):
             else:
                 self._add(config)
             return
-        self._finish(candidate, value)
+        self._finish(candidate, value, pruned)
 
     def reject(self, candidate, known=None):
         self._finish(candidate, known.mean if known is not None and known.mean is not None else None)
 
-    def _finish(self, candidate, value):
+    def _finish(self, candidate, value, pruned=False):
         trial = candidate.meta.get("trial")
-        if trial is None:
-            return
-        if value is None or not math.isfinite(value):
-            self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
+        if trial is not None:
+            self._finish_number(trial, value, pruned)
+
+    def _finish_number(self, trial, value, pruned=False):
+        """A stopped run is PRUNED to the sampler (TPE ranks it below every complete trial),
+        a crash FAIL."""
+        state = self.optuna.trial.TrialState
+        if pruned:
+            self.study.tell(trial, state=state.PRUNED)
+        elif value is None or not math.isfinite(value):
+            self.study.tell(trial, state=state.FAIL)
         else:
             self.study.tell(trial, value)
 
