@@ -116,6 +116,9 @@ def main(argv=None):
     ap.add_argument("--strategy", default="greedy", choices=STRATEGIES)
     add_common(ap)
     ap.add_argument("--seed", type=int, default=0, help="the proposer's random seed")
+    ap.add_argument("--grace", type=float, help="seconds a trial may run past its budget "
+                    "(start-up, compile, evaluation) before it is killed as a timeout (default: "
+                    "the larger of 60 and half the budget)")
     judge = ap.add_argument_group("judge (when a change is kept)")
     judge.add_argument("--judge", default="noise", choices=["noise", "threshold"],
                        help="noise (default): re-run promising configs and keep only a mean that "
@@ -215,7 +218,7 @@ def main(argv=None):
                         confidence=args.confidence, min_delta=args.min_delta, drop=args.drop,
                         first_confidence=args.first_confidence or None,
                         incumbent_rule=args.incumbent_rule, prune=args.prune, audit=args.audit,
-                        git=args.git, tag=args.tag, time_budget=args.budget,
+                        git=args.git, tag=args.tag, time_budget=args.budget, grace=args.grace,
                         storage=args.storage, study=args.study, worker_slot=args.worker_slot,
                         sandbox=args.sandbox,
                         heartbeat_seconds=args.heartbeat, lost_after=args.lost_after,

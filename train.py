@@ -567,6 +567,7 @@ def train():
     print(f"num_params_M:     {num_params / 1e6:.1f}")
     print(f"depth:            {DEPTH}")
     print(f"startup_seconds:  {t_loop - T_START + compile_time:.1f}")
+    print(f"compile_seconds:  {compile_time:.1f}")
     print(f"eval_seconds:     {t_end - t_eval:.1f}")
     print(f"device:           {DEVICE_NAME}")
     print(f"profile:          {PROFILE.name}")

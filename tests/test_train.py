@@ -29,7 +29,7 @@ from conftest import ROOT
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth", "startup_seconds",
-                "eval_seconds", "device", "profile", "seed"]
+                "compile_seconds", "eval_seconds", "device", "profile", "seed"]
 
 
 def run_train(tmp_path, data, patches=(), env=None, wrapper=None, timeout=240):
