@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 
+from autoresearch.config import sandbox_mode
 from autoresearch.driver import Driver, LoopError, Settings
 from autoresearch.ledger import LedgerError, StorageError
 from autoresearch.patch import PatchError
@@ -164,7 +165,7 @@ def main(argv=None):
                       "a crash `lost` (default 60)")
     many.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--sandbox", choices=["auto", "on", "off"],
-                    default=os.environ.get("AUTORESEARCH_SANDBOX", "auto"),
+                    default=sandbox_mode(),
                     help="run each trial under bubblewrap: no network, no writes outside its "
                     "directory, no validation data (auto: where it works, else an announced "
                     "fallback; on: refuse to run without it; off: no isolation)")

@@ -12,16 +12,15 @@ row. loop.py and the notebook both drive this class.
 import json
 import os
 import random
-import shutil
 import socket
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import prepare
-from autoresearch import curves, edits, history
+from autoresearch import curves, edits, history, trialdir
 from autoresearch import ledger as ledger_mod
 from autoresearch import sandbox as sandbox_mod
+from autoresearch.config import Settings, TIME_BUDGET_ENV, fixed_steps, time_budget  # noqa: F401 (Settings: re-exported)
 from autoresearch.judge import EarlyStop, make_judge
 from autoresearch.memory import oom_observations, shrink_to_fit
 from autoresearch.patch import patch_constants, read_constants
@@ -35,46 +34,6 @@ from autoresearch.space import PROFILE_NAMES, load_space
 
 class LoopError(RuntimeError):
     """Something the user must fix before the loop can go on."""
-
-
-@dataclass
-class Settings:
-    train_path: str = "train.py"
-    space_path: str = "search_space.yaml"
-    results_path: str = "results.tsv"
-    strategy: str = "greedy"
-    seed: int = 0
-    judge: str = "noise"           # noise | threshold
-    baseline_runs: int = 3         # runs of the baseline before the first verdict
-    max_runs: int = 3              # noise judge: runs a challenger gets at most
-    confidence: float = 0.95       # noise judge: one-sided confidence a keep needs
-    min_delta: float = 0.0         # threshold judge: the margin a single run must beat
-    git: bool = False
-    tag: str = None
-    data_dir: str = None           # a prepared dataset; default: the current one
-    time_budget: float = None      # override the profile's TIME_BUDGET (quick looks, tests)
-    grace: float = None            # seconds a trial may run beyond its budget (start-up, eval)
-    oom_retries: int = 3
-    max_proposals: int = 500       # invalid or repeated candidates tolerated per trial
-    trainer_env: dict = field(default_factory=dict)
-    llm: dict = field(default_factory=dict)  # LLM proposer options: base_url, model, key_env...
-    worker: str = None             # the results' worker column; default host/device
-    worker_slot: int = None        # which of this machine's workers this is (--workers)
-    storage: str = None            # a shared study: sqlite:///path or postgresql://...
-    study: str = "autoresearch"    # its name within the storage
-    heartbeat_seconds: float = 10.0  # shared study: how often this worker says it is alive
-    lost_after: float = 60.0       # shared study: silence after which a trial is crash `lost`
-    poll_seconds: float = 5.0      # how often a worker with nothing to run looks again
-    run_fn: Callable = None        # runs one trial (default runner.run_trial); benchmarks swap it
-    prune: str = "off"             # on | off: stop runs whose curve trails the incumbent's
-    prune_start: float = 0.3       # earliest progress a run may be stopped at
-    prune_sigmas: float = 3.0      # how far behind (in the noise at that progress) it must be
-    audit: float = 0.1             # share of would-be-stopped runs let finish, to check the rule
-    first_confidence: float = None  # noise judge: keep on one run this far ahead (None: never)
-    incumbent_rule: str = "race"   # noise judge: race | close (when the incumbent is re-run)
-    paired: bool = False           # noise judge: compare runs without their SEED's shared luck
-    # auto | on | off (autoresearch/sandbox.py); default $AUTORESEARCH_SANDBOX, else auto
-    sandbox: str = field(default_factory=lambda: os.environ.get("AUTORESEARCH_SANDBOX", "auto"))
 
 
 @dataclass
@@ -111,7 +70,6 @@ class Driver:
         self.log = log
         self.train_path = os.path.abspath(settings.train_path)
         self.results_dir = os.path.dirname(os.path.abspath(settings.results_path))
-        self.runs_dir = os.path.join(self.results_dir, "runs")
         try:
             self.data = prepare.load_prepared(settings.data_dir)
         except prepare.PrepareError as e:
@@ -150,7 +108,7 @@ class Driver:
         if settings.baseline_runs < 1:
             raise LoopError("--baseline-runs must be at least 1")
         self.code_mode = settings.strategy == "llm" and settings.llm.get("scope") == "code"
-        asked = settings.time_budget or float(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 0)
+        asked = settings.time_budget or time_budget()
         self.record = self._open_record(asked)
         # The budget is part of what makes runs comparable: a results file (or a study) keeps
         # the one it was started with (a resume needs no --budget), and refuses another.
@@ -161,7 +119,7 @@ class Driver:
                                     else max(60.0, 0.5 * budget))
         self.trainer_env = dict(settings.trainer_env)
         if self.budget != self.profile.time_budget:
-            self.trainer_env["AUTORESEARCH_TIME_BUDGET"] = f"{self.budget:g}"
+            self.trainer_env[TIME_BUDGET_ENV] = f"{self.budget:g}"
         self.run_fn = settings.run_fn or run_trial
         self.worker = settings.worker or default_worker(settings.worker_slot)
         try:
@@ -260,13 +218,9 @@ class Driver:
     def source_of(self, config):
         """The train.py a config trains (SEED as its first run had it), or None if lost."""
         first = next((r for r in self.runs if r.config == config.id and r.row.get("log")), None)
-        if first is not None:
-            path = os.path.join(self.results_dir, os.path.dirname(first.row["log"]), "train.py")
-            try:
-                with open(path) as f:
-                    return f.read()
-            except FileNotFoundError:
-                pass  # run on another machine, or runs/ was cleaned up
+        here = trialdir.read_source(self.results_dir, first.row["log"]) if first else None
+        if here is not None:
+            return here
         shared = self.record.get_source(config.id)
         if shared is not None:
             return shared
@@ -314,26 +268,9 @@ class Driver:
         cached = self._curves.get(run.trial)
         if cached is not None:
             return cached
-        trial_dir = os.path.join(self.results_dir, os.path.dirname(run.row["log"]))
-        path = os.path.join(trial_dir, "curve.json")
-        try:
-            with open(path) as f:
-                curve = curves.Curve.from_dict(json.load(f))
-            if curve.checkpoints is not None:  # (older files lack them: read the log again)
-                self._curves[run.trial] = curve
-                return curve
-        except (FileNotFoundError, ValueError):
-            pass
-        log = os.path.join(self.results_dir, run.row["log"])
-        if not os.path.exists(log):
-            return None
-        curve = curves.curve_of_log(log)
-        try:
-            with open(path, "w") as f:
-                json.dump(curve.as_dict(), f)
-        except OSError:
-            pass
-        self._curves[run.trial] = curve
+        curve = trialdir.curve(self.results_dir, run.row["log"])
+        if curve is not None:
+            self._curves[run.trial] = curve
         return curve
 
     # --- stopping hopeless runs ---------------------------------------------------------------
@@ -526,9 +463,7 @@ class Driver:
     def run_job(self, trial, job, on_line=None):
         """Train the job's source, retrying with half the micro-batch on OOM. Returns (outcome,
         the source that ran last, a note for the description)."""
-        trial_dir = os.path.join(self.runs_dir, f"{trial:04d}")
-        if os.path.exists(trial_dir):  # a trial cut short by a kill: start it afresh
-            shutil.rmtree(trial_dir)
+        trial_dir = trialdir.fresh(self.results_dir, trial)
         source = job.source
         first_micro = micro = self.effective(source).get("DEVICE_BATCH_SIZE")
         for attempt in range(self.s.oom_retries + 1):
@@ -536,7 +471,7 @@ class Driver:
                                   self.trainer_env, on_line, sandbox=self.sandbox)
             if outcome.error != "oom" or attempt == self.s.oom_retries or not micro or micro < 2:
                 break
-            os.replace(outcome.log, os.path.join(trial_dir, f"run.oom{attempt + 1}.log"))
+            os.replace(outcome.log, trialdir.oom_log(trial_dir, attempt + 1))
             self.log(f"trial {trial}: out of memory at DEVICE_BATCH_SIZE={micro}; retrying "
                      f"with {micro // 2} (TOTAL_BATCH_SIZE kept by gradient accumulation)")
             micro //= 2
@@ -551,9 +486,8 @@ class Driver:
         budget, another profile) makes the trial a crash, never a keep."""
         diff = job.candidate.meta.get("diff", "") if job.candidate is not None else ""
         if outcome.log and diff:
-            with open(os.path.join(os.path.dirname(outcome.log), "edit.diff"), "w") as f:
-                f.write(diff)
-        by_steps = self.trainer_env.get("AUTORESEARCH_STEPS") or os.environ.get("AUTORESEARCH_STEPS")
+            trialdir.write_diff(outcome.log, diff)
+        by_steps = fixed_steps(self.trainer_env)
         if not outcome.ok or by_steps:  # a run of fixed steps has no budget to keep
             return outcome
         broken = edits.contract_violation(outcome.summary, self.budget, self.profile.name)
@@ -689,10 +623,8 @@ class Driver:
     def _keep_proposal(self, trial, meta):
         """What an LLM proposal cost (tokens, seconds, format, valid/repaired/fallback), as
         runs/<trial>/proposal.json: `loop.py report` sums it per strategy."""
-        trial_dir = os.path.join(self.runs_dir, f"{trial:04d}")
-        os.makedirs(trial_dir, exist_ok=True)
-        with open(os.path.join(trial_dir, "proposal.json"), "w") as f:
-            json.dump({k: v for k, v in meta.items() if k != "diff"}, f, indent=1)
+        trialdir.write_proposal(self.results_dir, trial, {k: v for k, v in meta.items()
+                                                          if k != "diff"})
 
     def _job_attrs(self, job):
         """What other workers see of a job while it runs."""
