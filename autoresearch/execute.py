@@ -4,7 +4,7 @@ out of memory, and, for a code edit, held to the contract (budget, profile). A p
 """
 import os
 
-from autoresearch import edits, trialdir
+from autoresearch import edits, protocol, trialdir
 from autoresearch import sandbox as sandbox_mod
 from autoresearch.config import fixed_steps
 from autoresearch.errors import LoopError
@@ -59,7 +59,7 @@ class Execution:
         broken = edits.contract_violation(outcome.summary, self.budget, self.profile.name)
         if broken is None:
             return outcome
-        return Outcome(False, f"error: contract: {broken}", {}, outcome.returncode,
+        return Outcome(False, protocol.contract(broken), {}, outcome.returncode,
                        outcome.wall_seconds, outcome.log)
 
     def _keep_proposal(self, trial, meta):
