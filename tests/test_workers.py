@@ -14,6 +14,8 @@ import pytest
 from conftest import FAKE, FAKE_SPACE, ROOT
 from test_loop import set_fake
 
+pytestmark = pytest.mark.slow  # real loops and trainers, minutes each
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def url(request, tmp_path):
