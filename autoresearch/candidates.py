@@ -6,7 +6,7 @@ A part of the Driver (driver.py), which holds the state it reads.
 from autoresearch import history
 from autoresearch.errors import LoopError
 from autoresearch.memory import oom_observations, shrink_to_fit
-from autoresearch.proposers import LLM_STRATEGIES, Context
+from autoresearch.proposers import Context
 
 DECIDED = ("keep", "discard", "pruned", "crash")  # statuses the proposer is told
 
@@ -21,7 +21,7 @@ class Candidates:
                        configs=self.configs, noise=self.noise, source=self.current_source(),
                        defaults=dict(self.profile.train), check=self.cannot_run,
                        running=[j for j in self.running if j.get("params")],
-                       curves=self.curve_lines() if self.s.strategy in LLM_STRATEGIES else {})
+                       curves=self.curve_lines() if self.proposer.reads_curves else {})
 
     def curve_lines(self):
         """config id -> the curve line of its latest finished run (what the LLM reads)."""

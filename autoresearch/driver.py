@@ -70,7 +70,7 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
         self._make_judge_and_proposer()
         if settings.baseline_runs < 1:
             raise LoopError("--baseline-runs must be at least 1")
-        self.code_mode = settings.strategy == "llm" and settings.llm.get("scope") == "code"
+        self.code_mode = self.proposer.edits_code
         self._bind_budget(settings.time_budget or time_budget())
         self.run_fn = settings.run_fn or run_trial
         self.worker = settings.worker or default_worker(settings.worker_slot)
