@@ -16,6 +16,11 @@ and the runtime utilities train.py imports (nothing here is meant to be edited b
     loader = data.make_dataloader("train", batch_size, device)
     val_bpb = data.evaluate_bpb(model, batch_size)
 
+Read top to bottom: the profiles (the constants that make runs comparable), then the fixed
+metric (val_bpb: FixedEval and the trainer's side of it; fixed, do not change), then where data
+lives, the text sources, the tokenizer, the token cache, the dataloader, preparing a dataset,
+the runtime object train.py gets (Prepared) and the command line.
+
 Everything lives under the cache directory (~/.cache/autoresearch, or $AUTORESEARCH_CACHE):
 
     raw/<source>/...            downloaded parquet files (validated, never half-written)
@@ -114,6 +119,220 @@ def detect_profile():
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "colab"
     return "cpu"
+
+
+# ---------------------------------------------------------------------------
+# THE FIXED METRIC: val_bpb. Fixed: do not change. Trials are compared by it; nothing a trial
+# runs may change it. (Prepared.evaluate_bpb, below, is how train.py calls it.)
+# ---------------------------------------------------------------------------
+#
+# Bits per byte on the first EVAL_TOKENS // MAX_SEQ_LEN packed rows of the validation split: the
+# per-token cross-entropy (nats) of every target that is not a special token, summed, divided by
+# the bytes those targets stand for, converted to bits. The model only maps inputs to logits; the
+# loss is computed here. Two checks ride on one extra batch, a copy of the first:
+#   causality:     rows 0 and 1 get other inputs after a random position p, the same targets;
+#                  the loss up to p must not move (a model that peeks ahead scores wonderfully
+#                  and means nothing);
+#   statelessness: the other rows repeat the first batch exactly and must score exactly as before
+#                  (a model that learns from the validation rows while being scored fails).
+# Standalone (`python train.py`) all of it runs in the trainer. Under the loop, FixedEval lives in
+# the loop's process, which holds the validation rows; the trainer's evaluate_bpb connects to it
+# over an inherited socket ($AUTORESEARCH_EVAL_FD), receives inputs and targets batch by batch,
+# answers per-token losses, and is told val_bpb. Messages are small JSON headers and raw numpy
+# bytes (never pickle: the loop must not unpickle what a trial sends), and everything received
+# is checked. A model that fails a check is never scored: ContractError.
+
+
+def eval_rows(profile):
+    """The validation subset is the first EVAL_TOKENS // MAX_SEQ_LEN packed rows, whatever the
+    batch size, so changing DEVICE_BATCH_SIZE never changes the metric."""
+    return max(1, profile.eval_tokens // profile.max_seq_len)
+
+
+EVAL_FD_ENV = "AUTORESEARCH_EVAL_FD"
+# Loss changes a check tolerates, in nats (|a - b| <= tol * (1 + |b|)). Honest models give
+# exactly equal losses on CPU in fp32 and bf16 (same shapes, same kernels); a non-causal
+# attention trained for 5 smoke steps moves them by 0.01, after 30 steps by about 1.
+CHECK_TOLERANCE = 1e-3
+
+
+class ContractError(Exception):
+    """The model or the trainer broke the fixed metric's contract; the trial is not scored."""
+
+
+class FixedEval:
+    """The fixed evaluation of one prepared dataset: its rows, the metric and the checks."""
+
+    def __init__(self, data):
+        self.seq_len = data.profile.max_seq_len
+        self.token_bytes = data.token_bytes.astype(np.int64)
+        rows, _ = next(pack_batches(data.split("val"), eval_rows(data.profile), self.seq_len))
+        self.rows = rows.astype(token_dtype(data.vocab_size))  # (rows, seq_len + 1), compact
+
+    def run(self, score, batch_size):
+        """val_bpb, with score(x, y) -> per-token nats (n, T) for int64 inputs and targets."""
+        if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+            raise ContractError(f"batch size must be a positive integer, not {batch_size!r}")
+        total_nats, total_bytes, first = 0.0, 0, None
+        for start in range(0, len(self.rows), batch_size):
+            rows = self.rows[start:start + batch_size].astype(np.int64)
+            x, y = rows[:, :-1], rows[:, 1:]
+            nats = self._checked(score(x, y), x.shape)
+            nbytes = self.token_bytes[y]
+            total_nats += float(nats[nbytes > 0].sum(dtype=np.float64))
+            total_bytes += int(nbytes.sum())
+            if first is None:
+                first = rows, nats
+        val_bpb = total_nats / (math.log(2) * total_bytes)
+        if math.isfinite(val_bpb):  # a diverged model fails as nan; no need to check it
+            self._check(score, *first)
+        return val_bpb
+
+    @staticmethod
+    def _checked(nats, shape):
+        nats = np.asarray(nats)
+        if nats.shape != shape or nats.dtype.kind != "f":
+            raise ContractError(f"protocol: expected float losses of shape {shape}, got "
+                                f"{nats.dtype} {nats.shape}")
+        if (nats < 0).any():  # a cross-entropy is never negative
+            raise ContractError("protocol: a negative loss")
+        return nats
+
+    def _check(self, score, rows, nats):
+        """Causality and statelessness, on one more batch the size of the first."""
+        n, T = nats.shape
+        x, y = rows[:, :-1], rows[:, 1:]
+        # Inputs after a random position p (unknown in advance) change in rows 0 and 1; targets
+        # do not, so the loss at every position up to p must not move. The input right after p
+        # always changes: a model that peeks one token ahead reads exactly that one.
+        p = int(np.random.default_rng().integers(T // 4, 3 * T // 4 + 1))
+        changed = min(2, n)
+        got = self._checked(score(self.probe(x, p, changed), y), (n, T))
+        if n >= 3:  # the unchanged rows of the probe are the repeats
+            repeated, expected = got[changed:], nats[changed:]
+        else:       # too few rows to share one batch: the repeats come in a batch of their own
+            repeated, expected = self._checked(score(x.copy(), y.copy()), (n, T)), nats
+        self._compare(repeated, expected, "stateful: rows scored a second time got other "
+                      "losses (the model changed while it was evaluated)")
+        self._compare(got[:changed, :p + 1], nats[:changed, :p + 1], "non-causal: the loss at "
+                      f"positions up to {p} changed when only the inputs after them did")
+
+    def probe(self, x, p, changed):
+        """x with the inputs after position p replaced in its first `changed` rows."""
+        n, T = x.shape
+        probe = x.copy()
+        for i in range(changed):  # tokens from the last rows (or, with one row, shifted)
+            donor = len(self.rows) - 1 - i
+            tail = self.rows[donor, :-1].astype(np.int64) if donor >= n else np.roll(x[i], T // 2)
+            probe[i, p + 1:] = tail[p + 1:]
+            if probe[i, p + 1] == x[i, p + 1]:
+                probe[i, p + 1] = (x[i, p + 1] + 1) % len(self.token_bytes)
+        return probe
+
+    @staticmethod
+    def _compare(got, expected, message):
+        off = ~np.isclose(got, expected, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE,
+                          equal_nan=True)
+        if off.any():
+            gap = np.abs(got - expected)[off]
+            worst = float(np.where(np.isnan(gap), np.inf, gap).max())  # nan against a number: inf
+            raise ContractError(f"{message} (by up to {worst:.3g} nats)")
+
+    def serve(self, conn):
+        """The loop's side of the evaluation, over a multiprocessing Connection to a trainer.
+        Returns {"val_bpb": x}, {"error": reason}, or None if the trainer went away first."""
+        wire = self.rows.dtype.str
+        try:
+            hello = _json_message(conn.recv_bytes(1024))
+            size = hello.get("batch_size") if isinstance(hello, dict) else None
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ContractError(f"protocol: the first message must be a batch size, not "
+                                    f"{str(hello)[:100]}")
+
+            def score(x, y):
+                conn.send_bytes(json.dumps({"shape": list(x.shape), "dtype": wire}).encode())
+                conn.send_bytes(x.astype(wire).tobytes())
+                conn.send_bytes(y.astype(wire).tobytes())
+                expected = x.size * 4
+                try:
+                    raw = conn.recv_bytes(expected)
+                except OSError:  # longer than asked for
+                    raise ContractError(f"protocol: an answer longer than {expected} "
+                                        f"bytes") from None
+                if len(raw) != expected:
+                    raise ContractError(f"protocol: {len(raw)} bytes of losses, not {expected}")
+                return np.frombuffer(raw, dtype="<f4").reshape(x.shape)
+
+            result = {"val_bpb": self.run(score, min(size, len(self.rows)))}
+        except ContractError as e:
+            result = {"error": str(e)}
+        except (EOFError, OSError):
+            return None
+        try:
+            conn.send_bytes(json.dumps(result).encode())
+        except OSError:
+            pass
+        return result
+
+
+def _json_message(raw):
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise ContractError("protocol: a message that is not JSON") from None
+
+
+def model_scorer(model):
+    """score(x, y) for FixedEval: the model's logits for x, the cross-entropy computed here."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def score(x, y):
+        was_training = model.training
+        model.eval()
+        try:
+            logits = model(torch.from_numpy(x).to(device))
+        finally:
+            model.train(was_training)
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 3
+                and tuple(logits.shape[:2]) == x.shape):
+            raise ContractError(f"model(inputs) must return logits of shape (B, T, vocab), got "
+                                f"{getattr(logits, 'shape', type(logits).__name__)}")
+        targets = torch.from_numpy(y).to(device)
+        nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                 reduction="none")
+        return nats.view(x.shape).cpu().numpy()
+
+    return score
+
+
+_remote_done = False
+
+
+def evaluate_remotely(fd, score, batch_size):
+    """The trainer's side of the evaluation: answer the loop's batches over the inherited
+    socket `fd`, once per run."""
+    global _remote_done
+    from multiprocessing.connection import Connection
+    if _remote_done:
+        raise ContractError("the fixed evaluation runs once per trial")
+    _remote_done = True
+    conn = Connection(fd)
+    try:
+        conn.send_bytes(json.dumps({"batch_size": int(batch_size)}).encode())
+        while True:
+            msg = json.loads(conn.recv_bytes())
+            if "shape" not in msg:
+                break
+            shape, dtype = tuple(msg["shape"]), np.dtype(msg["dtype"])
+            x = np.frombuffer(conn.recv_bytes(), dtype).reshape(shape).astype(np.int64)
+            y = np.frombuffer(conn.recv_bytes(), dtype).reshape(shape).astype(np.int64)
+            conn.send_bytes(np.ascontiguousarray(score(x, y), dtype="<f4").tobytes())
+    finally:
+        conn.close()
+    if "error" in msg:
+        raise ContractError(msg["error"])
+    return float(msg["val_bpb"])
 
 
 # ---------------------------------------------------------------------------
@@ -766,12 +985,6 @@ def make_dataloader(split, batch_size, seq_len, device="cpu", buffer_size=1000):
         yield xy[0], xy[1], epoch
 
 
-def eval_rows(profile):
-    """The validation subset is the first EVAL_TOKENS // MAX_SEQ_LEN packed rows, whatever the
-    batch size, so changing DEVICE_BATCH_SIZE never changes the metric."""
-    return max(1, profile.eval_tokens // profile.max_seq_len)
-
-
 # ---------------------------------------------------------------------------
 # Preparing a dataset
 # ---------------------------------------------------------------------------
@@ -893,210 +1106,6 @@ def _set_current(root, name):
 # ---------------------------------------------------------------------------
 # Runtime: what train.py and the loop use
 # ---------------------------------------------------------------------------
-
-# --- THE FIXED METRIC: val_bpb. Trials are compared by it; nothing a trial runs may change it. ---
-#
-# Bits per byte on the first EVAL_TOKENS // MAX_SEQ_LEN packed rows of the validation split: the
-# per-token cross-entropy (nats) of every target that is not a special token, summed, divided by
-# the bytes those targets stand for, converted to bits. The model only maps inputs to logits; the
-# loss is computed here. Two checks ride on one extra batch, a copy of the first:
-#   causality:     rows 0 and 1 get other inputs after a random position p, the same targets;
-#                  the loss up to p must not move (a model that peeks ahead scores wonderfully
-#                  and means nothing);
-#   statelessness: the other rows repeat the first batch exactly and must score exactly as before
-#                  (a model that learns from the validation rows while being scored fails).
-# Standalone (`python train.py`) all of it runs in the trainer. Under the loop, FixedEval lives in
-# the loop's process, which holds the validation rows; the trainer's evaluate_bpb connects to it
-# over an inherited socket ($AUTORESEARCH_EVAL_FD), receives inputs and targets batch by batch,
-# answers per-token losses, and is told val_bpb. Messages are small JSON headers and raw numpy
-# bytes (never pickle: the loop must not unpickle what a trial sends), and everything received
-# is checked. A model that fails a check is never scored: ContractError.
-
-EVAL_FD_ENV = "AUTORESEARCH_EVAL_FD"
-# Loss changes a check tolerates, in nats (|a - b| <= tol * (1 + |b|)). Honest models give
-# exactly equal losses on CPU in fp32 and bf16 (same shapes, same kernels); a non-causal
-# attention trained for 5 smoke steps moves them by 0.01, after 30 steps by about 1.
-CHECK_TOLERANCE = 1e-3
-
-
-class ContractError(Exception):
-    """The model or the trainer broke the fixed metric's contract; the trial is not scored."""
-
-
-class FixedEval:
-    """The fixed evaluation of one prepared dataset: its rows, the metric and the checks."""
-
-    def __init__(self, data):
-        self.seq_len = data.profile.max_seq_len
-        self.token_bytes = data.token_bytes.astype(np.int64)
-        rows, _ = next(pack_batches(data.split("val"), eval_rows(data.profile), self.seq_len))
-        self.rows = rows.astype(token_dtype(data.vocab_size))  # (rows, seq_len + 1), compact
-
-    def run(self, score, batch_size):
-        """val_bpb, with score(x, y) -> per-token nats (n, T) for int64 inputs and targets."""
-        if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
-            raise ContractError(f"batch size must be a positive integer, not {batch_size!r}")
-        total_nats, total_bytes, first = 0.0, 0, None
-        for start in range(0, len(self.rows), batch_size):
-            rows = self.rows[start:start + batch_size].astype(np.int64)
-            x, y = rows[:, :-1], rows[:, 1:]
-            nats = self._checked(score(x, y), x.shape)
-            nbytes = self.token_bytes[y]
-            total_nats += float(nats[nbytes > 0].sum(dtype=np.float64))
-            total_bytes += int(nbytes.sum())
-            if first is None:
-                first = rows, nats
-        val_bpb = total_nats / (math.log(2) * total_bytes)
-        if math.isfinite(val_bpb):  # a diverged model fails as nan; no need to check it
-            self._check(score, *first)
-        return val_bpb
-
-    @staticmethod
-    def _checked(nats, shape):
-        nats = np.asarray(nats)
-        if nats.shape != shape or nats.dtype.kind != "f":
-            raise ContractError(f"protocol: expected float losses of shape {shape}, got "
-                                f"{nats.dtype} {nats.shape}")
-        if (nats < 0).any():  # a cross-entropy is never negative
-            raise ContractError("protocol: a negative loss")
-        return nats
-
-    def _check(self, score, rows, nats):
-        """Causality and statelessness, on one more batch the size of the first."""
-        n, T = nats.shape
-        x, y = rows[:, :-1], rows[:, 1:]
-        # Inputs after a random position p (unknown in advance) change in rows 0 and 1; targets
-        # do not, so the loss at every position up to p must not move. The input right after p
-        # always changes: a model that peeks one token ahead reads exactly that one.
-        p = int(np.random.default_rng().integers(T // 4, 3 * T // 4 + 1))
-        changed = min(2, n)
-        got = self._checked(score(self.probe(x, p, changed), y), (n, T))
-        if n >= 3:  # the unchanged rows of the probe are the repeats
-            repeated, expected = got[changed:], nats[changed:]
-        else:       # too few rows to share one batch: the repeats come in a batch of their own
-            repeated, expected = self._checked(score(x.copy(), y.copy()), (n, T)), nats
-        self._compare(repeated, expected, "stateful: rows scored a second time got other "
-                      "losses (the model changed while it was evaluated)")
-        self._compare(got[:changed, :p + 1], nats[:changed, :p + 1], "non-causal: the loss at "
-                      f"positions up to {p} changed when only the inputs after them did")
-
-    def probe(self, x, p, changed):
-        """x with the inputs after position p replaced in its first `changed` rows."""
-        n, T = x.shape
-        probe = x.copy()
-        for i in range(changed):  # tokens from the last rows (or, with one row, shifted)
-            donor = len(self.rows) - 1 - i
-            tail = self.rows[donor, :-1].astype(np.int64) if donor >= n else np.roll(x[i], T // 2)
-            probe[i, p + 1:] = tail[p + 1:]
-            if probe[i, p + 1] == x[i, p + 1]:
-                probe[i, p + 1] = (x[i, p + 1] + 1) % len(self.token_bytes)
-        return probe
-
-    @staticmethod
-    def _compare(got, expected, message):
-        off = ~np.isclose(got, expected, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE,
-                          equal_nan=True)
-        if off.any():
-            gap = np.abs(got - expected)[off]
-            worst = float(np.where(np.isnan(gap), np.inf, gap).max())  # nan against a number: inf
-            raise ContractError(f"{message} (by up to {worst:.3g} nats)")
-
-    def serve(self, conn):
-        """The loop's side of the evaluation, over a multiprocessing Connection to a trainer.
-        Returns {"val_bpb": x}, {"error": reason}, or None if the trainer went away first."""
-        wire = self.rows.dtype.str
-        try:
-            hello = _json_message(conn.recv_bytes(1024))
-            size = hello.get("batch_size") if isinstance(hello, dict) else None
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ContractError(f"protocol: the first message must be a batch size, not "
-                                    f"{str(hello)[:100]}")
-
-            def score(x, y):
-                conn.send_bytes(json.dumps({"shape": list(x.shape), "dtype": wire}).encode())
-                conn.send_bytes(x.astype(wire).tobytes())
-                conn.send_bytes(y.astype(wire).tobytes())
-                expected = x.size * 4
-                try:
-                    raw = conn.recv_bytes(expected)
-                except OSError:  # longer than asked for
-                    raise ContractError(f"protocol: an answer longer than {expected} "
-                                        f"bytes") from None
-                if len(raw) != expected:
-                    raise ContractError(f"protocol: {len(raw)} bytes of losses, not {expected}")
-                return np.frombuffer(raw, dtype="<f4").reshape(x.shape)
-
-            result = {"val_bpb": self.run(score, min(size, len(self.rows)))}
-        except ContractError as e:
-            result = {"error": str(e)}
-        except (EOFError, OSError):
-            return None
-        try:
-            conn.send_bytes(json.dumps(result).encode())
-        except OSError:
-            pass
-        return result
-
-
-def _json_message(raw):
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise ContractError("protocol: a message that is not JSON") from None
-
-
-def model_scorer(model):
-    """score(x, y) for FixedEval: the model's logits for x, the cross-entropy computed here."""
-    device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def score(x, y):
-        was_training = model.training
-        model.eval()
-        try:
-            logits = model(torch.from_numpy(x).to(device))
-        finally:
-            model.train(was_training)
-        if not (isinstance(logits, torch.Tensor) and logits.dim() == 3
-                and tuple(logits.shape[:2]) == x.shape):
-            raise ContractError(f"model(inputs) must return logits of shape (B, T, vocab), got "
-                                f"{getattr(logits, 'shape', type(logits).__name__)}")
-        targets = torch.from_numpy(y).to(device)
-        nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                                 reduction="none")
-        return nats.view(x.shape).cpu().numpy()
-
-    return score
-
-
-_remote_done = False
-
-
-def evaluate_remotely(fd, score, batch_size):
-    """The trainer's side of the evaluation: answer the loop's batches over the inherited
-    socket `fd`, once per run."""
-    global _remote_done
-    from multiprocessing.connection import Connection
-    if _remote_done:
-        raise ContractError("the fixed evaluation runs once per trial")
-    _remote_done = True
-    conn = Connection(fd)
-    try:
-        conn.send_bytes(json.dumps({"batch_size": int(batch_size)}).encode())
-        while True:
-            msg = json.loads(conn.recv_bytes())
-            if "shape" not in msg:
-                break
-            shape, dtype = tuple(msg["shape"]), np.dtype(msg["dtype"])
-            x = np.frombuffer(conn.recv_bytes(), dtype).reshape(shape).astype(np.int64)
-            y = np.frombuffer(conn.recv_bytes(), dtype).reshape(shape).astype(np.int64)
-            conn.send_bytes(np.ascontiguousarray(score(x, y), dtype="<f4").tobytes())
-    finally:
-        conn.close()
-    if "error" in msg:
-        raise ContractError(msg["error"])
-    return float(msg["val_bpb"])
-
 
 class Prepared:
     """A prepared dataset: its profile, tokenizer, token cache, loader and metric."""

@@ -16,6 +16,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from autoresearch import config
+
 FORMATS = ("json_schema", "json_object+schema", "json_object", "text")
 # Words a format refusal's message carries; a 4xx without them (a context too long, a bad
 # model name) is an error no other format would fix.
@@ -87,7 +89,7 @@ class Chat:
     def __init__(self, base_url=None, model=None, key_env="OPENAI_API_KEY", timeout=60.0,
                  max_retries=3, max_calls=200, max_tokens=2_000_000, temperature=0.7,
                  client=None, log=print):
-        self.model = model or os.environ.get("AUTORESEARCH_LLM_MODEL") or "gpt-4o-mini"
+        self.model = model or config.llm_model() or "gpt-4o-mini"
         self.max_calls, self.max_tokens, self.temperature = max_calls, max_tokens, temperature
         self.log = log
         self.calls = self.tokens = 0

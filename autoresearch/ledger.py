@@ -18,7 +18,7 @@ import os
 import threading
 import time
 
-from autoresearch import history
+from autoresearch import history, trialdir
 
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "trial", "started_at",
            "strategy", "profile", "seed", "changes", "params", "training_seconds",
@@ -203,13 +203,8 @@ def complete_legacy(rows, results_dir):
     seen = {}
     for r in sorted(rows, key=lambda r: int(r["trial"] or 0)):
         params = json.loads(r["params"]) if r.get("params") else {}
-        fingerprint = ""
-        if r.get("log"):
-            try:
-                with open(os.path.join(results_dir, os.path.dirname(r["log"]), "train.py")) as f:
-                    fingerprint = history.code_fingerprint(f.read(), list(params))
-            except FileNotFoundError:
-                pass
+        source = trialdir.read_source(results_dir, r.get("log"))
+        fingerprint = history.code_fingerprint(source, list(params)) if source is not None else ""
         r["config"] = history.config_id(params, fingerprint)
         values = seen.setdefault(r["config"], [])
         if r["status"] in history.FINISHED:

@@ -12,7 +12,7 @@ import os
 import pandas as pd
 from scipy import stats
 
-from autoresearch import history
+from autoresearch import history, trialdir
 from autoresearch.ledger import COLUMNS, Ledger, LedgerError
 
 _FLOATS = ["val_bpb", "memory_gb", "training_seconds", "total_seconds", "mfu_percent",
@@ -63,11 +63,9 @@ def llm_costs(df, results_dir):
     the repair round, fallen back), from the proposal.json kept beside each run's log."""
     out = {}
     for strategy, log in zip(df.strategy, df.log):
-        path = os.path.join(results_dir, os.path.dirname(log), "proposal.json") if log else ""
-        if not path or not os.path.exists(path):
+        p = trialdir.read_proposal(results_dir, log)
+        if p is None:
             continue
-        with open(path) as f:
-            p = json.load(f)
         c = out.setdefault(strategy, {"proposals": 0, "tokens": 0, "seconds": 0.0, "valid": 0,
                                       "repaired": 0, "fallback": 0})
         c["proposals"] += 1
@@ -79,11 +77,8 @@ def llm_costs(df, results_dir):
 
 def curve_line(results_dir, log):
     """The curve line of a run (curves.py), or None where its log is not on this machine."""
-    if not log:
-        return None
-    from autoresearch import curves
-    path = os.path.join(results_dir, log)
-    return curves.curve_of_log(path).line() if os.path.exists(path) else None
+    curve = trialdir.curve(results_dir, log, keep=False)
+    return curve.line() if curve is not None else None
 
 
 def summarize(df, top=5, results_dir=None):

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 import prepare
-from autoresearch import protocol
+from autoresearch import protocol, trialdir
+from autoresearch.config import DATA_ENV
 from autoresearch.sandbox import die_with_parent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ def clean_env(data_dir=None, extra=None):
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     if data_dir:
-        env["AUTORESEARCH_DATA"] = data_dir
+        env[DATA_ENV] = data_dir
     env.update(extra or {})
     return env
 
@@ -62,10 +63,10 @@ def run_trial(trial_dir, source, time_limit, data_dir=None, env=None, on_line=No
     the Outcome is `pruned`, with that string as its error."""
     data_dir, fixed = fixed_eval(data_dir)
     os.makedirs(trial_dir, exist_ok=True)
-    script = os.path.join(trial_dir, "train.py")
+    script = os.path.join(trial_dir, trialdir.SOURCE)
     with open(script, "w") as f:
         f.write(source)
-    log_path = os.path.join(trial_dir, "run.log")
+    log_path = os.path.join(trial_dir, trialdir.LOG)
     t0 = time.time()
     lines = []
     served = {}

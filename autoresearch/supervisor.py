@@ -71,6 +71,7 @@ def supervise(report_fd, argv):
         finally:
             os._exit(127)
     try:  # the evaluation socket is the trainer's alone: it must close when the trainer exits
+        # protocol.EVAL_FD_ENV, spelled out: this file runs as `python -I -S`, without the package
         os.close(int(os.environ.get("AUTORESEARCH_EVAL_FD", "")))
     except (ValueError, OSError):
         pass

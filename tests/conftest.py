@@ -221,6 +221,15 @@ def bwrap_required():
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_llm: talks to a real model behind a local llama.cpp "
                             "server (needs llama-cpp-python[server]; the model is fetched once)")
+    config.addinivalue_line("markers", "slow: trains the real train.py, runs the notebook, many "
+                            "workers or a real model; `pytest -m \"not slow\"` checks the "
+                            "machinery without them")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("real_llm"):  # a real model answering is slow too
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -125,6 +125,7 @@ def test_an_ordinary_edit_runs_and_is_kept_with_the_sandbox_on(fake_llm_work, mo
 
 
 @needs_sandbox
+@pytest.mark.slow
 def test_non_causal_attention_in_the_real_train_py_is_never_scored(tmp_path, smoke_data,
                                                                     monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)

@@ -147,6 +147,7 @@ def test_an_edit_that_runs_out_of_memory_teaches_nothing_about_sizes(code_work):
     assert oom_observations(driver.runs) == []  # the base code at 16 is not predicted to fail
 
 
+@pytest.mark.slow
 def test_code_mode_on_the_real_train_py(tmp_path, smoke_data, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)

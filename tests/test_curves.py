@@ -83,6 +83,7 @@ def test_real_logs(name, steps, losses, signal):
     assert len(curve.line()) < 80
 
 
+@pytest.mark.slow
 def test_the_real_train_py_on_the_smoke_profile(tmp_path, smoke_data):
     # a fixed number of steps: a loaded machine may fit only one step into a short budget
     code, out = run_train(tmp_path, smoke_data, env={"AUTORESEARCH_STEPS": "20"})

@@ -236,6 +236,7 @@ def test_resume_in_the_middle_of_a_race_continues_it(scripted):
     assert rows[-1]["status"] == "keep" and len(again.rows) == rows_before + 3
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_during_a_retest(tmp_path, smoke_data, monkeypatch):
     """kill -9 of loop.py while a challenger's second run trains: on restart the race continues
     with the run that was lost (same SEED, it never finished) and nothing is repeated."""

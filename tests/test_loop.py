@@ -94,6 +94,7 @@ def test_threshold_judge_keeps_single_runs(work):
         best = min(best, float(r["val_bpb"]))
 
 
+@pytest.mark.slow
 def test_real_train_py_race_report_and_recheck(tmp_path, smoke_data):
     """The real trainer on the smoke profile: a baseline whose output head learns ten times too
     slowly against the one candidate the space allows (the default rate), raced, kept on its
@@ -133,6 +134,7 @@ def test_real_train_py_race_report_and_recheck(tmp_path, smoke_data):
     assert (tmp_path / "progress.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_mid_trial(work):
     set_fake("train.py", SLEEP=1.0)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "loop.py"), "--trials", "6"],
@@ -298,6 +300,7 @@ def test_git_ratchet_commits_each_keep(work):
     assert df.commit.iloc[-1] == git("rev-parse", "--short", "HEAD")
 
 
+@pytest.mark.slow
 def test_hours_limit_stops_an_open_ended_loop(work):
     t0 = time.time()
     proc = loop_cli(["--hours", "0.001"], work)  # 3.6 s, no --trials: would run forever

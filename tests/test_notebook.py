@@ -10,6 +10,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # real loops and trainers, minutes each
+
 NOTEBOOK = os.path.join(ROOT, "autoresearch.ipynb")
 
 

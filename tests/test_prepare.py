@@ -42,6 +42,7 @@ def test_val_split_is_deterministic_and_near_its_fraction():
     assert 0.09 < sum(picks) / len(picks) < 0.11
 
 
+@pytest.mark.slow
 def test_default_run_is_offline_cpu_python(tmp_path):
     """The README's main command on this machine: no GPU, no network, no arguments."""
     env = dict(os.environ, AUTORESEARCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",

@@ -20,7 +20,7 @@ WORKER = os.path.join(ROOT, "tests", "fixtures", "storage_worker.py")
 FAST = dict(heartbeat_seconds=1, grace=2, retry_seconds=30)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
 def url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/study.db"
@@ -96,6 +96,7 @@ def test_workers_record_every_trial_once_and_never_run_one_config_twice(url, tmp
         assert shared.running() == []
 
 
+@pytest.mark.slow
 def test_simultaneous_reservations_of_one_config_give_it_to_one_worker(url, tmp_path):
     """Six processes ask for the same config at the same instant and hold what they get: one
     trial only, the others are refused (atomic check, lowest number wins)."""
@@ -134,6 +135,7 @@ def test_simultaneous_reservations_of_one_config_give_it_to_one_worker(url, tmp_
             p.communicate()
 
 
+@pytest.mark.slow
 def test_killed_worker_becomes_a_lost_crash_and_the_others_go_on(url):
     holder = start_worker(url, "--worker", "victim", "--hold")
     mine = wait_for(holder, "reserved")
@@ -251,6 +253,7 @@ def test_sync_refuses_to_overwrite_rows_the_study_lacks_and_imports_them(tmp_pat
     assert list(pd.read_csv(old, sep="\t")["val_bpb"]) == [1.9, 0, 1.8]
 
 
+@pytest.mark.slow
 def test_postgres_outage_is_retried_and_a_long_one_stops_with_a_clear_error(
         postgres_server, postgres_url):
     with SharedStudy(postgres_url, "s", heartbeat_seconds=1, grace=30, retry_seconds=20) as s:

@@ -62,6 +62,7 @@ def uniform_bpb(data):
     return (nbytes > 0).sum() * math.log2(data.vocab_size) / nbytes.sum()
 
 
+@pytest.mark.slow
 def test_trains_and_prints_the_summary(tmp_path, smoke_data):
     # Run as __main__ by a wrapper that reports, at exit, whether torch._dynamo was imported:
     # an uncompiled trial should not pay for that import (BENCHMARKS.md, "Overhead").
@@ -92,6 +93,7 @@ def test_trains_and_prints_the_summary(tmp_path, smoke_data):
         assert s1 == s0 + 1 or p1 - p0 <= 0.02, (s0, p0, s1, p1)
 
 
+@pytest.mark.slow
 def test_same_seed_same_result(tmp_path, smoke_data):
     runs = {}
     for i, seed in enumerate([7, 7, 8]):
@@ -114,6 +116,7 @@ def test_same_seed_same_result(tmp_path, smoke_data):
                                               "of DEVICE_BATCH_SIZE*MAX_SEQ_LEN"),
     ([("WINDOW_PATTERN", '"SXL"')], "error", "WINDOW_PATTERN='SXL'"),
 ])
+@pytest.mark.slow
 def test_failures_print_their_fail_line(tmp_path, smoke_data, patches, reason, needle):
     # By steps, not seconds: on a loaded machine one step can outlast a 3 s budget.
     code, out = run_train(tmp_path, smoke_data, patches, env={"AUTORESEARCH_STEPS": "30"})
@@ -124,6 +127,7 @@ def test_failures_print_their_fail_line(tmp_path, smoke_data, patches, reason, n
     assert "\n---\n" not in out
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_reported_as_oom(tmp_path, smoke_data):
     """A real allocation failure: the address space is capped just above what torch needs."""
     wrapper = (
@@ -298,6 +302,7 @@ def test_muon_decays_only_weights_the_step_moves_towards_zero(train_module):
     assert (decayed[~towards_zero] == 0).all()
 
 
+@pytest.mark.slow
 def test_window_pattern_runs_with_short_windows(tmp_path, smoke_data):
     code, out = run_train(tmp_path, smoke_data, [("WINDOW_PATTERN", '"SSL"'), ("DEPTH", 3)],
                           env={"AUTORESEARCH_STEPS": "3"})
@@ -311,6 +316,7 @@ def first_line(out):
 
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
                     reason="no C++ compiler: inductor cannot build CPU kernels without one")
+@pytest.mark.slow
 def test_compiled_bf16_with_sliding_windows(tmp_path, smoke_data):
     """The H100 path on the CPU: torch.compile (inductor), bf16 autocast, a sliding window. The
     first 11 steps compile and are left out of the budget; the kernels land in the lasting
@@ -331,6 +337,7 @@ def test_compiled_bf16_with_sliding_windows(tmp_path, smoke_data):
     assert any(f.endswith(".so") for f in compiled), compiled[:20]
 
 
+@pytest.mark.slow
 def test_fp16_with_loss_scaling(tmp_path, smoke_data):
     """The T4 path on the CPU: fp16 autocast and a GradScaler around both optimizers."""
     env = {"AUTORESEARCH_DTYPE": "fp16", "AUTORESEARCH_STEPS": "4"}
@@ -347,12 +354,14 @@ def test_fp16_with_loss_scaling(tmp_path, smoke_data):
     ({"AUTORESEARCH_DTYPE": "fp8"}, "AUTORESEARCH_DTYPE='fp8' must be bf16, fp16 or fp32"),
     ({"AUTORESEARCH_COMPILE": "yes"}, "AUTORESEARCH_COMPILE='yes' must be 1 or 0"),
 ])
+@pytest.mark.slow
 def test_bad_switches_are_clear_errors(tmp_path, smoke_data, env, needle):
     code, out = run_train(tmp_path, smoke_data, env=env)
     assert code != 0
     assert f"FAIL: error {needle}" in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_out_of_memory_at_a_micro_batch_is_retried_by_the_loop(tmp_path, smoke_data):
     """train.py fails with an out-of-memory error above 4 rows per micro-batch; the loop halves
     DEVICE_BATCH_SIZE (16 -> 8 -> 4) and the baseline then trains."""

@@ -15,6 +15,8 @@ from autoresearch.driver import Settings
 from conftest import FAKE, FAKE_SPACE, ROOT
 from test_loop import set_fake
 
+pytestmark = pytest.mark.slow  # real loops and trainers, minutes each
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def url(request, tmp_path):

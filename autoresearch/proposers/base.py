@@ -50,6 +50,10 @@ def changes_from(params, best):
 
 class Proposer:
     name = "base"
+    # What it needs beyond the Context's basics, declared so the driver asks instead of testing
+    # strategy names:
+    reads_curves = False  # ctx.curves, the training curve of each config's latest run
+    edits_code = False    # its candidates carry a whole train.py (Candidate.source)
 
     def __init__(self, space, seed=0):
         self.space = space

@@ -57,6 +57,7 @@ class Box:
 
 class CentaurProposer(Proposer):
     name = "centaur"
+    reads_curves = True
 
     def __init__(self, space, seed=0, llm_fraction=0.3, sigma=0.2, **llm_options):
         super().__init__(space, seed)

@@ -114,6 +114,7 @@ def coerce(space, name, value):
 
 class LLMProposer(Proposer):
     name = "llm"
+    reads_curves = True
 
     def __init__(self, space, seed=0, base_url=None, model=None, key_env="OPENAI_API_KEY",
                  timeout=60.0, max_retries=3, max_calls=200, max_tokens=2_000_000,
@@ -122,6 +123,7 @@ class LLMProposer(Proposer):
         if scope not in SCOPES:
             raise ValueError(f"llm scope must be one of {', '.join(SCOPES)}, not {scope!r}")
         self.scope = scope
+        self.edits_code = scope == "code"
         self.fallback = GreedyProposer(space, seed)
         self.history = history
         self.chat = Chat(base_url, model, key_env, timeout, max_retries, max_calls, max_tokens,
