@@ -44,7 +44,7 @@ JUDGES = {  # name -> Settings overrides
     "threshold": dict(judge="threshold", baseline_runs=3),
     # the noise judge before the replay of real runs (--confidence and --drop apply to it)
     "noise": dict(judge="noise", baseline_runs=3, incumbent_rule="race", prune="off"),
-    # the loop's defaults since (confidence 0.8, drop 0.5, 2 baseline runs, the close rule);
+    # the loop's defaults since (confidence 0.9, drop 0.5, 2 baseline runs, the close rule);
     # the simulated trainer prints no curve, so there is nothing to stop early here
     "new": dict(judge="noise", prune="off"),
 }
