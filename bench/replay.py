@@ -268,12 +268,10 @@ def _table(path):
 
 
 def cpu_data():
-    """A prepared cpu dataset (the driver reads its profile; the replay trains nothing)."""
-    cache = os.path.join(tempfile.gettempdir(), "bench-replay-cache")
-    if not os.path.exists(os.path.join(cache, "current")):
-        assert prepare.main(["--profile", "cpu", "--cache-dir", cache]) == 0
-    with open(os.path.join(cache, "current")) as f:
-        return os.path.join(cache, "prepared", f.read().strip())
+    """A prepared cpu dataset (the driver reads its profile; the replay trains nothing): the
+    judge bench's, shared with it."""
+    from judge import cpu_data as prepared_cpu  # bench/judge.py, beside this file
+    return prepared_cpu(os.path.join(tempfile.gettempdir(), "bench-judge-cache"))
 
 
 def run_main(args):
