@@ -31,10 +31,14 @@ class Stopping:
         return {p: v for p, v in zip(curves.CHECKPOINTS, curve.checkpoints) if v is not None}
 
     def early_stop(self, job, trial):
-        """The watch that may stop this job's run (judge.EarlyStop), or None: only a challenger
-        is stopped, never the baseline, the incumbent or a recheck, and only at checkpoints
-        where the incumbent has curves and the noise is known."""
-        if self.stopper is None or job.purpose not in ("new", "retest") \
+        """The watch that may stop this job's run (judge.EarlyStop), or None: only a challenger's
+        first run is stopped (its race's re-runs too with prune_reruns), never the baseline,
+        the incumbent or a recheck, and only at checkpoints where the incumbent has curves and
+        the noise is known. A re-run is spared because its config already earned it: its
+        first run led or came close, and one bad curve would end the race on the noisiest
+        evidence there is."""
+        stoppable = ("new", "retest") if self.s.prune_reruns else ("new",)
+        if self.stopper is None or job.purpose not in stoppable \
                 or self.incumbent is None or job.config == self.incumbent.id:
             return None
         noise_at = curves.noise_at([[self.checkpoints_of(r) for r in self.runs

@@ -68,6 +68,7 @@ VARIANTS = {
     "prune": dict(TODAY, **PRUNE),
     "pair": dict(CONFIRM, paired=True, **PRUNE),
     "new": dict(CONFIRM, **PRUNE),             # the loop's defaults
+    "new+rerun-stops": dict(CONFIRM, prune_reruns=True, **PRUNE),  # before: re-runs stopped too
 }
 
 

@@ -1,5 +1,6 @@
 """Stopping hopeless runs: the rule on scripted curves, then the loop with a fixture trainer
 whose curve says early what its end will be (pruned rows, audits, resume, the report)."""
+import dataclasses
 import json
 import math
 import re
@@ -160,6 +161,17 @@ def test_the_loop_stops_losers_and_records_them_as_pruned_rows(work):
     assert summary["pruning"]["pruned"] == (after.status == "pruned").sum()
     assert summary["pruning"]["saved_seconds"] > 0
     assert "pruned:" in report.format_summary(summary)
+
+
+def test_a_races_re_runs_are_spared_unless_asked(work):
+    d = driver()
+    d.run(trials=6, progress=False)
+    other = next(c for c in d.configs.values() if c.id != d.incumbent.id and c.n)
+    rerun = d._rerun_job(other, "retest")
+    assert d.early_stop(rerun, 100) is None
+    assert d.early_stop(dataclasses.replace(rerun, purpose="new"), 100) is not None
+    d.s.prune_reruns = True
+    assert d.early_stop(rerun, 100) is not None
 
 
 def test_audited_runs_finish_and_the_report_counts_their_keeps(work):
