@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -45,7 +46,7 @@ log = logging.getLogger("autoresearch.storage")
 NEW_COLUMNS = ["config", "runs", "mean_bpb", "worker"]
 COLUMNS = ledger.COLUMNS + [c for c in NEW_COLUMNS if c not in ledger.COLUMNS]
 # What this module adds to a job (in its `job` attribute).
-_RESERVED = ("reservation", "deadline")
+_RESERVED = ("reservation", "deadline", "owner")
 
 
 def _is_outage(exc):
@@ -59,10 +60,43 @@ def _is_outage(exc):
     return isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
 
 
+_SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def study_location(results_path, storage=None):
+    """Where the study of a results file lives: `storage` when given (a URL or a path), else the
+    journal file beside it (results.tsv -> results.journal). A results directory from before
+    the journal, whose runs are in an SQLite results.db (`--workers`), goes on in that file."""
+    if storage:
+        return storage
+    path = os.path.abspath(results_path)
+    journal = os.path.splitext(path)[0] + ".journal"
+    legacy = os.path.join(os.path.dirname(path), "results.db")
+    if not os.path.exists(journal) and os.path.exists(legacy):
+        return "sqlite:///" + legacy
+    return journal
+
+
+def is_journal(location):
+    """A plain path names Optuna's journal file, unless it is (or is named as) SQLite; this is
+    also how optuna-dashboard reads a path."""
+    if "://" in location:
+        return False
+    if location.endswith(_SQLITE_SUFFIXES):
+        return False
+    try:
+        with open(location, "rb") as f:
+            return f.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER
+    except FileNotFoundError:
+        return True
+
+
 def normalize_url(url):
-    """Accept a plain path as SQLite, and postgresql:// for the psycopg (v3) driver we ship."""
+    """A journal file as its absolute path; an SQLite path as its URL; postgresql:// for the
+    psycopg (v3) driver we ship."""
     if "://" not in url:
-        return "sqlite:///" + os.path.abspath(url)
+        return os.path.abspath(url) if is_journal(url) else "sqlite:///" + os.path.abspath(url)
     u = sqlalchemy.engine.make_url(url)
     if u.drivername in ("postgresql", "postgres"):
         u = u.set(drivername="postgresql+psycopg")
@@ -80,6 +114,40 @@ def _engine_kwargs(url, retry_seconds):
     # A worker holds at most two connections (its loop and its heartbeat). pre_ping replaces a
     # pooled connection that died with a restarted server instead of failing the next query.
     return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
+
+
+def _journal(path):
+    """Optuna's journal storage on a file: one JSON line per change, appended under a lock file
+    (O_EXCL, which network and FUSE filesystems honour where fcntl and SQLite's WAL do not) and
+    fsynced. A line torn by a crash mid-write (power, not kill -9: a write() completes) is cut
+    off first, under the lock, or every later line would be unreadable."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = JournalFileOpenLock(path, grace_period=10)  # a holder killed mid-write frees it in 10 s
+    if os.path.exists(path) and os.path.getsize(path):
+        lock.acquire()
+        try:
+            with open(path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.seek(0)
+                    data = f.read()
+                    f.truncate(data.rfind(b"\n") + 1)
+                    log.warning("%s ended in a torn line (a crash while writing); cut it off",
+                                path)
+        finally:
+            lock.release()
+    return JournalStorage(JournalFileBackend(path, lock_obj=lock))
+
+
+def open_storage(location):
+    """The Optuna storage at a study location (study_location), to read it (the dashboard, a
+    report): a journal file, an SQLite file or a database URL."""
+    url = normalize_url(location)
+    if "://" not in url:
+        return _journal(url)
+    _prepare_sqlite(url)
+    return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url, 120))
 
 
 def _prepare_sqlite(url):
@@ -127,6 +195,11 @@ class SharedStudy:
             e, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)))
 
     def _open(self):
+        if "://" not in self.url:
+            self.rdb = None
+            self.storage = _journal(self.url)
+            self._open_study()
+            return
         _prepare_sqlite(self.url)
         with warnings.catch_warnings():  # heartbeats: "experimental" since Optuna 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -137,6 +210,9 @@ class SharedStudy:
         # The cached storage reads only trials that are new or were unfinished at the last
         # read, so rows() costs what changed, not the size of the study.
         self.storage = optuna.storages.get_storage(rdb)
+        self._open_study()
+
+    def _open_study(self):
         self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
                                          direction="minimize", load_if_exists=True)
         self.study_id = self.storage.get_study_id_from_name(self.study_name)
@@ -185,7 +261,7 @@ class SharedStudy:
         token = uuid.uuid4().hex
         # One attribute, not one per key: the study stays locked while a trial is created, and
         # each attribute is two more statements inside that lock (3x slower at 8 keys).
-        attrs = {"job": _plain(job, "job") | {"reservation": token}}
+        attrs = {"job": _plain(job, "job") | {"reservation": token, "owner": _owner()}}
         if timeout is not None:
             attrs["job"]["deadline"] = time.time() + timeout
         distributions = {k: d for k, d in (distributions or {}).items()
@@ -206,7 +282,7 @@ class SharedStudy:
                 intermediate_values={}, trial_id=-1))
 
         trial_id = self._call("reserving a trial", create)
-        self._call("recording a heartbeat", self.storage.record_heartbeat, trial_id)
+        self._call("recording a heartbeat", self._heartbeat, trial_id)
         number = self._call("reading the new trial", self.storage.get_trial, trial_id).number
         with self._lock:
             self._held[trial_id] = number
@@ -422,19 +498,38 @@ class SharedStudy:
         with self._lock:
             held = list(self._held)
         for trial_id in held:  # our own trials are alive, whatever the beat thread managed
-            self._call("recording a heartbeat", self.storage.record_heartbeat, trial_id)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self._call("failing stale trials", optuna.storages.fail_stale_trials, self.study)
+            self._call("recording a heartbeat", self._heartbeat, trial_id)
+        if self.rdb is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._call("failing stale trials", optuna.storages.fail_stale_trials, self.study)
         for t in self._call("reading running trials", self.storage.get_all_trials,
                             self.study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            if t._trial_id in held:
+                continue
             deadline = t.user_attrs.get("job", {}).get("deadline")
-            if deadline is not None and time.time() > deadline + self.grace:
+            if (deadline is not None and time.time() > deadline + self.grace
+                    or self.rdb is None and self._silent(t) or _owner_gone(t)):
                 try:
-                    self._call("failing a trial past its deadline",
+                    self._call("failing a lost trial",
                                self.storage.set_trial_state_values, t._trial_id, TrialState.FAIL)
                 except UpdateFinishedTrialError:
                     pass
+
+    def _heartbeat(self, trial_id):
+        """Say that a trial of this process is alive: Optuna's heartbeat on an RDB storage; on
+        the journal, which has none, the time in a system attribute."""
+        if self.rdb is not None:
+            self.storage.record_heartbeat(trial_id)
+        else:
+            self.storage.set_trial_system_attr(trial_id, "heartbeat", time.time())
+
+    def _silent(self, trial):
+        """A journal trial whose last beat (or start) is older than the grace."""
+        beat = trial.system_attrs.get("heartbeat")
+        if beat is None and trial.datetime_start is not None:
+            beat = trial.datetime_start.timestamp()
+        return beat is not None and time.time() - beat > self.grace
 
     def _start_heartbeat(self):
         with self._lock:
@@ -452,7 +547,7 @@ class SharedStudy:
                 held = list(self._held)
             for trial_id in held:
                 try:
-                    self.storage.record_heartbeat(trial_id)
+                    self._heartbeat(trial_id)
                 except Exception as e:  # noqa: BLE001 - a beat must never kill the worker
                     log.warning("heartbeat of trial %s failed: %s", trial_id, e)
 
@@ -460,13 +555,43 @@ class SharedStudy:
         self._stop.set()
         if self._beater is not None:
             self._beater.join(timeout=self.heartbeat_seconds + 5)
-        self.rdb.engine.dispose()
+        if self.rdb is not None:
+            self.rdb.engine.dispose()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+_owners = {}
+
+
+def _owner():
+    """This process as a trial's owner: a restarted loop on the same machine then fails at once
+    the trials of a process that is gone (kill -9), rather than after the heartbeat's grace.
+    (Per pid: a forked process is another owner.)"""
+    pid = os.getpid()
+    if pid not in _owners:
+        import psutil
+        _owners[pid] = {"host": socket.gethostname(), "pid": pid,
+                        "since": psutil.Process(pid).create_time()}
+    return _owners[pid]
+
+
+def _owner_gone(trial):
+    owner, me = trial.user_attrs.get("job", {}).get("owner"), _owner()
+    if not isinstance(owner, dict) or owner.get("host") != me["host"] \
+            or owner.get("pid") == me["pid"]:
+        return False
+    import psutil
+    try:  # a pid reused by a newer process is not the owner either
+        return abs(psutil.Process(owner["pid"]).create_time() - owner["since"]) > 1
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.AccessDenied, KeyError, TypeError, ValueError):
+        return False
 
 
 def _plain(value, what):
