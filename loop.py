@@ -10,6 +10,7 @@ loop.py: improve train.py overnight, one trial at a time, every trial in results
     python loop.py --dry-run --trials 5 # the candidates it would run; runs nothing
     python loop.py report               # summary of results.tsv, and progress.png
     python loop.py recheck --runs 3     # re-run baseline and incumbent: how much gain survives?
+    python loop.py dashboard            # watch the study live in a browser (optuna-dashboard)
 
 It needs prepared data (python prepare.py). train.py always holds the incumbent; each run
 trains its own copy under runs/<trial>/. A challenger is kept only when its mean over re-runs
@@ -41,7 +42,8 @@ def add_common(ap):
 
 
 def build_parser():
-    """loop.py's parser: `run` (the default when no command is named), `report`, `recheck`."""
+    """loop.py's parser: `run` (the default when no command is named), `report`, `recheck`,
+    `dashboard`."""
     ap = argparse.ArgumentParser(prog="loop.py", description="Improve train.py's recipe "
                                  "overnight; `loop.py [run] --help` for the loop's flags.")
     commands = ap.add_subparsers(dest="command", required=True)
@@ -49,7 +51,9 @@ def build_parser():
             ("run", add_run_arguments, run_main, "Improve train.py's recipe overnight."),
             ("report", add_report_arguments, report_main, "Summarise a results.tsv."),
             ("recheck", add_recheck_arguments, recheck_main, "Re-run the baseline and the "
-             "incumbent with fresh SEEDs: how much of the gain survives?")):
+             "incumbent with fresh SEEDs: how much of the gain survives?"),
+            ("dashboard", add_dashboard_arguments, dashboard_main, "Watch the study live: "
+             "optuna-dashboard on the runs' study, until Ctrl-C.")):
         sub = commands.add_parser(name, help=about, description=about)
         add(sub)
         sub.set_defaults(main=main, parser=sub)
@@ -66,6 +70,15 @@ def add_report_arguments(ap):
 def add_recheck_arguments(ap):
     add_common(ap)
     ap.add_argument("--runs", type=int, default=3, help="fresh runs of each (default 3)")
+
+
+def add_dashboard_arguments(ap):
+    ap.add_argument("--results", default="results.tsv", help="the study beside it (results.journal)")
+    ap.add_argument("--storage", help="the study's storage instead: a URL or a journal file")
+    ap.add_argument("--study", default="autoresearch", help="the study's name in the storage")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                    "0.0.0.0 shows it to other machines)")
+    ap.add_argument("--port", type=int, default=8080, help="default 8080")
 
 
 def add_run_arguments(ap):
@@ -232,6 +245,23 @@ def recheck_main(args, argv):
     return 0
 
 
+def dashboard_main(args, argv):
+    from autoresearch import dashboard
+    from autoresearch.storage import study_location
+    location = study_location(args.results, args.storage)
+    try:
+        view = dashboard.Dashboard(location, args.host, args.port, args.study)
+    except dashboard.DashboardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"dashboard of {location}: {view.url}  (Ctrl-C stops it)", flush=True)
+    try:
+        view.serve()
+    except KeyboardInterrupt:
+        print("\ndashboard stopped", file=sys.stderr)
+    return 0
+
+
 def run_workers(args, argv):
     from autoresearch import workers
     from autoresearch.record import SharedRecord
@@ -301,7 +331,7 @@ def main(argv=None):
     # A loop started with `&` from a script inherits SIGINT ignored, and Python then leaves it
     # so: `kill -INT` (how workers are stopped) would do nothing. Ctrl-C must always stop it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    named = argv[:1] in (["run"], ["report"], ["recheck"])
+    named = argv[:1] in (["run"], ["report"], ["recheck"], ["dashboard"])
     args = build_parser().parse_args(argv if named else ["run", *argv])
     return args.main(args, argv)
 
