@@ -132,10 +132,12 @@ def add_judge_arguments(judge):
                        help="noise judge: re-run the incumbent at the start of every race, or "
                        "only while another run of it could change the verdict (default "
                        f"{Settings.incumbent_rule})")
-    judge.add_argument("--prune", choices=["on", "off"], default=Settings.prune,
-                       help="stop a challenger's run whose smoothed loss trails the incumbent's "
-                       "at the same progress by more than the noise there allows (row status "
-                       f"pruned; default {Settings.prune})")
+    judge.add_argument("--prune", choices=["on", "off", "median", "wilcoxon"],
+                       default=Settings.prune,
+                       help="on: stop a challenger's first run when its smoothed loss trails the "
+                       "incumbent's at the same progress by more than the noise there allows "
+                       "(row status pruned); median, wilcoxon: Optuna's pruner of that name "
+                       f"decides instead, over the study's curves (default {Settings.prune})")
     judge.add_argument("--audit", type=float, default=Settings.audit,
                        help="share of runs the stopping rule would stop that run to the end "
                        "anyway, so `report` measures its false-prune rate (default "
@@ -147,9 +149,10 @@ def add_worker_arguments(many):
                       help="run N loops on this machine, one per GPU (--gpus to choose), "
                       "sharing one study (default 1)")
     many.add_argument("--gpus", help="comma-separated GPU indices for --workers (default: all)")
-    many.add_argument("--storage", help="join a shared study: sqlite:///path/results.db (one "
-                      "machine) or postgresql://user:pass@host/db (many); default with "
-                      "--workers: results.db beside the results file")
+    many.add_argument("--storage", help="the study every run is a trial of: by default Optuna's "
+                      "journal file beside the results file (results.journal); name a shared "
+                      "one with postgresql://user:pass@host/db (many machines), "
+                      "sqlite:///path.db, or a journal file's path")
     many.add_argument("--study", default="autoresearch", help="the study's name in the storage")
     many.add_argument("--heartbeat", type=float, default=10.0,
                       help="seconds between a worker's heartbeats (default 10)")
@@ -204,7 +207,7 @@ def settings_of(args):
                     incumbent_rule=args.incumbent_rule, prune=args.prune, audit=args.audit,
                     git=args.git, tag=args.tag, time_budget=args.budget, grace=args.grace,
                     storage=args.storage, study=args.study, worker_slot=args.worker_slot,
-                    sandbox=args.sandbox,
+                    sandbox=args.sandbox, dry_run=args.dry_run,
                     heartbeat_seconds=args.heartbeat, lost_after=args.lost_after,
                     llm=dict(base_url=args.llm_base_url, model=args.llm_model,
                              key_env=args.llm_key_env, timeout=args.llm_timeout,
@@ -264,11 +267,12 @@ def dashboard_main(args, argv):
 
 def run_workers(args, argv):
     from autoresearch import workers
-    from autoresearch.record import SharedRecord
-    storage = args.storage or workers.default_storage(args.results)
+    from autoresearch.record import Record
+    from autoresearch.storage import study_location
+    storage = study_location(args.results, args.storage)
     try:
         gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
-        record = SharedRecord(storage, args.study, args.results)
+        record = Record(args.results, storage, args.study)
         imported = record.import_results()  # before any worker writes to the study
         record.close()
         if imported:

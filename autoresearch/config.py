@@ -71,8 +71,9 @@ class Settings:
     llm: dict = field(default_factory=dict)  # LLM proposer options: base_url, model, key_env...
     worker: str = None             # the results' worker column; default host/device
     worker_slot: int = None        # which of this machine's workers this is (--workers)
-    storage: str = None            # a shared study: sqlite:///path or postgresql://...
+    storage: str = None            # the study: default the journal file beside results_path
     study: str = "autoresearch"    # its name within the storage
+    dry_run: bool = False          # write nothing: the study is read into memory
     heartbeat_seconds: float = 10.0  # shared study: how often this worker says it is alive
     lost_after: float = 60.0       # shared study: silence after which a trial is crash `lost`
     poll_seconds: float = 5.0      # how often a worker with nothing to run looks again

@@ -19,7 +19,7 @@ import socket
 import time
 
 import prepare
-from autoresearch import history
+from autoresearch import history, trialdir
 from autoresearch import ledger as ledger_mod
 from autoresearch import recheck as recheck_mod
 from autoresearch.candidates import DECIDED, Candidates
@@ -30,8 +30,9 @@ from autoresearch.judge import EarlyStop, make_judge
 from autoresearch.patch import patch_constants, read_constants
 from autoresearch.progress import Progress, trial_line
 from autoresearch.proposers import LLM_STRATEGIES, make_proposer
+from autoresearch.pruner import OPTUNA_PRUNERS, optuna_pruner
 from autoresearch.ratchet import GitRatchet, RatchetError
-from autoresearch.record import FileRecord, SharedRecord, optuna_distributions
+from autoresearch.record import Record, optuna_distributions, reporter
 from autoresearch.runner import Outcome, run_trial
 from autoresearch.schedule import Job, Schedule
 from autoresearch.space import load_space
@@ -115,12 +116,15 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
                                     first_confidence=settings.first_confidence,
                                     incumbent_rule=settings.incumbent_rule,
                                     paired=settings.paired)
-            if settings.prune not in ("on", "off"):
-                raise ValueError(f"prune must be on or off, not {settings.prune!r}")
+            if settings.prune not in ("on", "off", *OPTUNA_PRUNERS):
+                raise ValueError(f"prune must be on or off (or one of Optuna's: "
+                                 f"{', '.join(OPTUNA_PRUNERS)}), not {settings.prune!r}")
             if not 0 <= settings.audit < 1:
                 raise ValueError("the audit share must be at least 0 and below 1")
             self.stopper = EarlyStop(settings.prune_start, settings.prune_sigmas) \
                 if settings.prune == "on" else None
+            self.pruner = optuna_pruner(settings.prune, settings.prune_start) \
+                if settings.prune in OPTUNA_PRUNERS else None
             llm = dict(settings.llm, log=self.log) if settings.strategy in LLM_STRATEGIES \
                 else settings.llm
             self.proposer = make_proposer(settings.strategy, self.space, settings.seed, llm)
@@ -142,19 +146,24 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
             self.trainer_env[TIME_BUDGET_ENV] = f"{self.budget:g}"
 
     def _open_record(self, budget):
+        """The study every run is a trial of (record.py), seeded with an older results.tsv on
+        its first start."""
         s = self.s
-        if not s.storage:
-            return FileRecord(s.results_path)
         limit = (budget or self.profile.time_budget) + (s.grace if s.grace is not None else 60.0)
         try:
-            return SharedRecord(
-                s.storage, s.study, s.results_path,
+            record = Record(
+                s.results_path, s.storage, s.study, dry=s.dry_run,
                 # any worker may fail a trial held this long (a hung trainer, OOM retries)
                 timeout=limit * (s.oom_retries + 1) + 120,
                 distributions=optuna_distributions(self.space),
                 heartbeat_seconds=s.heartbeat_seconds, grace=s.lost_after)
         except ValueError as e:
             raise LoopError(str(e)) from None
+        imported = record.import_results()
+        if imported:
+            self.log(f"study {s.study!r} in {record.location}: started from the {imported} "
+                     f"run(s) of {record.path} (kept as {record.path}.imported)")
+        return record
 
     # --- what the results say -----------------------------------------------------------------
 
@@ -179,8 +188,7 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
 
     def tell(self, job, trial, outcome, source, note="", started=None):
         """Judge the run, move the ratchet, write the row; returns (row, verdict reason)."""
-        if self.record.shared:
-            self.reload()  # other workers' runs since this one started count in its verdict
+        self.reload()  # other workers' runs since this one started count in its verdict
         params = self.searched(source)
         config = job.config if params == job.params else self.config_of(params, source)
         description = f"{job.description} ({note})" if note else job.description
@@ -200,7 +208,7 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
             ledger_mod.write_atomic(self.train_path, patch_constants(source, {"SEED": self.base_seed}))
         row["commit"] = self._commit(source, status == "keep" and (inc is None or config != inc.id),
                                      f"val_bpb {mine.mean or 0:.6f} over {mine.n} runs: {description}")
-        self.record.finish(trial, row)
+        self.record.finish(trial, row, self._details(job, trial, outcome, source, reason))
         self.reload()
         self._tell_proposer(job, config, status)
         return row, reason
@@ -223,6 +231,19 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
             "config": config, "worker": self.worker,
         }
 
+    def _details(self, job, trial, outcome, source, reason):
+        """What the study's trial carries for a person to open (optuna-dashboard shows user
+        attributes): the verdict, the race, the log's tail and train.py against the baseline."""
+        details = {"verdict": reason or "", "purpose": job.purpose, "kind": job.kind,
+                   "log_tail": trialdir.tail(outcome.log)}
+        baseline = self.baseline()
+        if baseline is not None and baseline.id != job.config:
+            first = next(r for r in self.runs if r.config == baseline.id)
+            base_source = trialdir.read_source(self.results_dir, first.row.get("log"))
+            if base_source is not None and source is not None:
+                details["diff"] = trialdir.diff(base_source, source, "baseline", f"trial {trial}")
+        return details
+
     def _verdict(self, job, outcome, config, mine, inc, after):
         """(status, reason): a crash or a stopped run as such, the incumbent's own runs keep it,
         a recheck never moves it, and the judge decides the rest."""
@@ -241,21 +262,22 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
         return status, reason
 
     def close(self):
-        """Stop the shared study's heartbeats (a file record has nothing to stop)."""
+        """Stop the study's heartbeats."""
         self.record.close()
 
     # --- driving ------------------------------------------------------------------------------
 
-    def step(self, trial=None, on_line=None):
+    def step(self, on_line=None):
         """Ask, run and tell one run; returns the row written."""
-        return self._step(trial, on_line)[0]
+        return self._step(on_line)[0]
 
-    def _step(self, trial=None, on_line=None):
-        job, trial = self._reserve(trial)
+    def _step(self, on_line=None):
+        job, trial = self._reserve()
         started = ledger_mod.now_iso()
         watch = self.early_stop(job, trial)
         try:
-            outcome, source, note = self.run_job(trial, job, watched(on_line, watch))
+            outcome, source, note = self.run_job(
+                trial, job, watched(on_line, watch, reporter(self.record, trial)))
             if watch is not None:
                 note = self._after_watch(outcome, watch, note)
             if job.purpose == "new" and job.candidate is not None \
@@ -281,7 +303,7 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
         done = []
         try:
             while (trials is None or len(done) < trials) and (deadline is None or time.time() < deadline):
-                row, reason, job = self._step(None, bar.on_line)
+                row, reason, job = self._step(bar.on_line)
                 done.append(row)
                 line = self.trial_line(row, reason)
                 bar.finished(row, line if self.s.worker_slot is None else f"[{self.worker}] {line}")

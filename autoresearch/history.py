@@ -120,7 +120,7 @@ class Config:
     description: str            # of its first run
     first_trial: int
     values: list = field(default_factory=list)   # val_bpb of each finished run
-    seeds: list = field(default_factory=list)    # every seed it ran with, crashes included
+    seeds: list = field(default_factory=list)    # the SEEDs it ran with (its own crashes too)
     trials: list = field(default_factory=list)   # every trial number, crashes included
     status: str = ""            # the judge's latest word: keep | discard | retest | pruned | crash
     crashes: int = 0            # crashes the recipe caused
@@ -170,7 +170,8 @@ def configs_of(runs):
             c = out[run.config] = Config(run.config, run.params, kind, run.strategy,
                                          run.description, run.trial)
         c.trials.append(run.trial)
-        if run.seed is not None:
+        # a run lost or interrupted before its end told nothing: its SEED is run again
+        if run.seed is not None and (run.status != "crash" or run.counts_against_config):
             c.seeds.append(run.seed)
         if run.finished:
             c.values.append(run.value)

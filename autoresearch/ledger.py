@@ -1,17 +1,16 @@
-"""results.tsv: append one run per row, read it back, resume from it.
+"""results.tsv: its columns and their text, reading it back, its claim, atomic rewrites.
 
-Each row goes to disk in a single write() under an exclusive lock, then fsync: a kill at any
-moment leaves whole rows, and two loops sharing the file never interleave lines. A sidecar
-`<results>.meta.json` records the profile and the prepared dataset the file belongs to, so one
-results file never mixes runs that cannot be compared.
+results.tsv is the view of the study every run is a trial of (record.py): rewritten whole after
+every change, in one rename, so pandas never reads half a file. A sidecar `<results>.meta.json`
+records the profile, the prepared dataset and the budget the file belongs to, so one results
+file never mixes runs that cannot be compared.
 
 Files written before the last four columns (config, runs, mean_bpb, worker) existed still read:
 the missing columns are filled in from the rows (the config from each run's own train.py where
-runs/ still has it). The first append to such a file rewrites it whole with the new columns,
-atomically, and keeps the original beside it as `<results>.20col.bak`.
+runs/ still has it). Such a file, or any results.tsv from before the study, is imported into a
+new study on the first start and then rewritten as its view.
 """
 import csv
-import fcntl
 import json
 import math
 import os
@@ -28,6 +27,7 @@ LEGACY_COLUMNS = COLUMNS[:20]
 _FORMATS = {"val_bpb": "{:.6f}", "memory_gb": "{:.1f}", "training_seconds": "{:.1f}",
             "total_seconds": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
             "num_params_M": "{:.1f}", "mean_bpb": "{:.6f}"}
+HEADER = "\t".join(COLUMNS) + "\n"
 
 
 class LedgerError(ValueError):
@@ -54,7 +54,8 @@ def now_iso():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _field(name, value):
+def field_text(name, value):
+    """One value as its results.tsv text (fixed decimals, JSON for dicts, no tabs or newlines)."""
     if value is None:
         value = 0.0 if name in _FORMATS else ""
     if name in _FORMATS:
@@ -70,14 +71,15 @@ def _field(name, value):
 
 def as_text(row):
     """A row as the text fields a results.tsv line holds (what Ledger.rows gives back)."""
-    return {c: _field(c, row.get(c)) for c in COLUMNS}
+    return {c: field_text(c, row.get(c)) for c in COLUMNS}
 
 
 def format_row(row):
+    """A row as a results.tsv line (refusing columns the contract does not have)."""
     unknown = set(row) - set(COLUMNS)
     if unknown:
         raise ValueError(f"unknown results column(s): {', '.join(sorted(unknown))}")
-    return "\t".join(_field(c, row.get(c)) for c in COLUMNS) + "\n"
+    return "\t".join(field_text(c, row.get(c)) for c in COLUMNS) + "\n"
 
 
 class Ledger:
@@ -117,66 +119,6 @@ class Ledger:
             return
         write_atomic(self.meta_path, json.dumps(self.claim | {"created_at": now_iso()}, indent=1))
 
-    def append(self, row):
-        line = format_row(row).encode("utf-8")
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.write_claim()
-        fd = self._open_locked()
-        try:
-            size = os.fstat(fd).st_size
-            if size and self._header() == LEGACY_COLUMNS:
-                self._migrate()  # replaces the file: take the lock on the new one
-                os.close(fd)
-                fd = self._open_locked()
-                size = os.fstat(fd).st_size
-            if size == 0:
-                line = ("\t".join(COLUMNS) + "\n").encode() + line
-            elif not self._ends_with_newline(size):
-                # A torn tail (only possible if something other than us wrote it): cut it off.
-                os.ftruncate(fd, self._last_newline())
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)  # closing releases the lock
-
-    def _open_locked(self):
-        """The results file opened for appending under an exclusive lock. If another writer
-        replaced the file (a migration) while we waited, the lock we got is on the old one:
-        open again."""
-        while True:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                return fd
-            os.close(fd)
-
-    def _header(self):
-        with open(self.path, newline="") as f:
-            return f.readline().rstrip("\n").split("\t")
-
-    def _migrate(self):
-        """Rewrite a 20-column file with the new columns, atomically; keep the original."""
-        rows = self.rows()
-        backup = f"{self.path}.20col.bak"
-        if not os.path.exists(backup):
-            with open(self.path, "rb") as src, open(backup, "wb") as dst:
-                dst.write(src.read())
-        write_atomic(self.path, "\t".join(COLUMNS) + "\n" + "".join(format_row(r) for r in rows))
-
-    def _ends_with_newline(self, size):
-        with open(self.path, "rb") as f:
-            f.seek(size - 1)
-            return f.read(1) == b"\n"
-
-    def _last_newline(self):
-        with open(self.path, "rb") as f:
-            data = f.read()
-        return data.rfind(b"\n") + 1
-
     def rows(self):
         """Every complete row, as dicts of strings."""
         try:
@@ -213,7 +155,3 @@ def complete_legacy(rows, results_dir):
         r["mean_bpb"] = f"{sum(values) / len(values):.6f}" if values and r["status"] != "crash" \
             else "0.000000"
         r["worker"] = ""
-
-
-def next_trial(rows):
-    return max((int(r["trial"]) for r in rows), default=-1) + 1

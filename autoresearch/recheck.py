@@ -2,6 +2,8 @@
 incumbent are re-run, interleaved, as rows of strategy `recheck`, through the driver's own
 execution and record (so they count as any run does)."""
 from autoresearch.errors import LoopError
+from autoresearch.record import reporter
+from autoresearch.stopping import watched
 
 
 def recheck(driver, runs=3, on_line=None):
@@ -24,7 +26,8 @@ def recheck(driver, runs=3, on_line=None):
             if trial is None:
                 raise LoopError(f"another worker is running config {config.id}; recheck "
                                 f"when the workers have stopped")
-            outcome, source, note = driver.run_job(trial, job, on_line)
+            outcome, source, note = driver.run_job(
+                trial, job, watched(on_line, None, reporter(driver.record, trial)))
             row, _ = driver.tell(job, trial, outcome, source, note)
             rows.append(row)
             driver.log(driver.trial_line(row))

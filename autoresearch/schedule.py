@@ -126,20 +126,20 @@ class Schedule:
                    self.base_seed, source, cand.description,
                    cand.strategy or self.proposer.name, cand)
 
-    def _reserve(self, trial=None):
-        """The next job and its trial number. In a shared study the number comes from the
-        storage (unique across workers), and a job whose config another worker took a moment
-        ago is asked again; with nothing to run, the worker waits for the others."""
+    def _reserve(self):
+        """The next job and its trial number. The number comes from the study (unique across
+        workers), and a job whose config another worker took a moment ago is asked again; with
+        nothing to run, the worker waits for the others."""
         waited = False
         while True:
             job = self.ask()
             if job is not None:
-                if self.record.shared and self.code_mode:  # so other machines can re-run it
+                if self.code_mode:  # so other machines (or a copied directory) can re-run it
                     self.record.put_source(job.config, patch_constants(job.source,
                                                                        {"SEED": self.base_seed}))
                 number = self.record.reserve(self._job_attrs(job), self.rows)
                 if number is not None:
-                    return job, (number if trial is None or self.record.shared else trial)
+                    return job, number
                 if job.candidate is not None:  # taken by another worker: tell it as a repeat
                     self.proposer.reject(job.candidate)
             elif not waited:

@@ -1,10 +1,11 @@
 """Stopping hopeless runs: the curves of finished runs (read once, through trialdir) and the watch
-(judge.EarlyStop) over a challenger's run. A part of the Driver (driver.py), which holds the state
+(judge.EarlyStop, or an Optuna pruner: pruner.py) over a challenger's run. A part of the Driver (driver.py), which holds the state
 it reads: stopper, runs, configs, incumbent, budget, results_dir.
 """
 import random
 
 from autoresearch import curves, trialdir
+from autoresearch.pruner import PrunerWatch
 
 
 class Stopping:
@@ -38,9 +39,13 @@ class Stopping:
         first run led or came close, and one bad curve would end the race on the noisiest
         evidence there is."""
         stoppable = ("new", "retest") if self.s.prune_reruns else ("new",)
-        if self.stopper is None or job.purpose not in stoppable \
+        if self.stopper is None and self.pruner is None or job.purpose not in stoppable \
                 or self.incumbent is None or job.config == self.incumbent.id:
             return None
+        audit = random.Random(f"{self.s.seed}:{trial}").random() < self.s.audit
+        if self.pruner is not None:  # Optuna's, over the study's curves
+            return PrunerWatch(self.s.prune, self.pruner, self.record.optuna_study(),
+                               lambda: self.record.trial(trial), audit)
         noise_at = curves.noise_at([[self.checkpoints_of(r) for r in self.runs
                                      if r.config == c.id and r.finished]
                                     for c in self.configs.values() if c.n > 1])
@@ -49,7 +54,6 @@ class Stopping:
         reference = self.stopper.reference([m for m in mine if m], noise_at)
         if not reference:
             return None
-        audit = random.Random(f"{self.s.seed}:{trial}").random() < self.s.audit
         return self.stopper.watch(reference, audit)
 
     def _after_watch(self, outcome, watch, note):
@@ -62,14 +66,13 @@ class Stopping:
         return note
 
 
-def watched(on_line, watch):
-    """One per-line callback for the runner: the progress display, then the early-stop watch
-    (whose answer, a reason to stop, is what the runner acts on)."""
-    if watch is None:
-        return on_line
-
-    def both(line):
+def watched(on_line, watch, report=None):
+    """One per-line callback for the runner: the progress display, the record's curve, then the
+    early-stop watch (whose answer, a reason to stop, is what the runner acts on)."""
+    def each(line):
         if on_line is not None:
             on_line(line)
-        return watch(line)
-    return both
+        if report is not None:
+            report(line)
+        return watch(line) if watch is not None else None
+    return each

@@ -43,8 +43,7 @@ from autoresearch.ledger import StorageError
 
 log = logging.getLogger("autoresearch.storage")
 
-NEW_COLUMNS = ["config", "runs", "mean_bpb", "worker"]
-COLUMNS = ledger.COLUMNS + [c for c in NEW_COLUMNS if c not in ledger.COLUMNS]
+COLUMNS = ledger.COLUMNS
 # What this module adds to a job (in its `job` attribute).
 _RESERVED = ("reservation", "deadline", "owner")
 
@@ -64,6 +63,9 @@ _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+MEMORY = ":memory:"  # a study that lives in this process only (a dry run, a replay)
+
+
 def study_location(results_path, storage=None):
     """Where the study of a results file lives: `storage` when given (a URL or a path), else the
     journal file beside it (results.tsv -> results.journal). A results directory from before
@@ -81,7 +83,7 @@ def study_location(results_path, storage=None):
 def is_journal(location):
     """A plain path names Optuna's journal file, unless it is (or is named as) SQLite; this is
     also how optuna-dashboard reads a path."""
-    if "://" in location:
+    if "://" in location or location == MEMORY:
         return False
     if location.endswith(_SQLITE_SUFFIXES):
         return False
@@ -95,6 +97,8 @@ def is_journal(location):
 def normalize_url(url):
     """A journal file as its absolute path; an SQLite path as its URL; postgresql:// for the
     psycopg (v3) driver we ship."""
+    if url == MEMORY:
+        return url
     if "://" not in url:
         return os.path.abspath(url) if is_journal(url) else "sqlite:///" + os.path.abspath(url)
     u = sqlalchemy.engine.make_url(url)
@@ -197,7 +201,8 @@ class SharedStudy:
     def _open(self):
         if "://" not in self.url:
             self.rdb = None
-            self.storage = _journal(self.url)
+            self.storage = (optuna.storages.InMemoryStorage() if self.url == MEMORY
+                            else _journal(self.url))
             self._open_study()
             return
         _prepare_sqlite(self.url)
@@ -326,19 +331,38 @@ class SharedStudy:
                           self.storage.get_trial_id_from_study_id_trial_number, self.study_id,
                           number)
 
-    def finish(self, number, row, value):
-        """Record the results row of trial `number` and close it: COMPLETE with `value`, or
-        FAIL when value is None or not finite (a crash). Safe to call again after an error.
+    def frozen(self, number):
+        """Trial `number` as the storage holds it now (a FrozenTrial)."""
+        return self._call("reading a trial", self.storage.get_trial, self._trial_id(number))
+
+    def report(self, number, step, value):
+        """An intermediate value of a running trial of this process (a point of its curve). A
+        failure is logged, not raised: a lost point must never stop a run."""
+        try:
+            self.storage.set_trial_intermediate_value(self._trial_id(number), step, float(value))
+        except Exception as e:  # noqa: BLE001 - an outage, or a trial failed meanwhile
+            log.warning("could not report trial %d's curve at %s: %s", number, step, e)
+
+    def finish(self, number, row, value, details=None):
+        """Record the results row of trial `number` and close it: COMPLETE with `value`, PRUNED
+        for a run stopped early (row status pruned), or FAIL when value is None or not finite
+        (a crash). `details` ({name: JSON-able}) become
+        user attributes beside the row. Safe to call again after an error.
         If another worker already failed the trial as lost (this worker was cut off from the
         database past the grace), the row is kept in a new trial that replaces it."""
         row = _plain(row, "row") | {"trial": row.get("trial", number)}
         ok = value is not None and math.isfinite(value)
-        state = TrialState.COMPLETE if ok else TrialState.FAIL
+        state = TrialState.COMPLETE if ok else \
+            TrialState.PRUNED if row.get("status") == "pruned" else TrialState.FAIL
         values = [float(value)] if ok else None
         trial_id = self._trial_id(number)
 
+        details = _plain(details or {}, "details")
+
         def close():
             try:
+                for key, text in details.items():
+                    self.storage.set_trial_user_attr(trial_id, key, text)
                 self.storage.set_trial_user_attr(trial_id, "row", row)
                 self.storage.set_trial_state_values(trial_id, state, values)
                 return number
@@ -358,8 +382,8 @@ class SharedStudy:
                 number=-1, state=state, value=values[0] if values else None,
                 datetime_start=trial.datetime_start, datetime_complete=now, params=trial.params,
                 distributions=trial.distributions,
-                user_attrs=attrs | {"row": row, "late_for": number}, system_attrs={},
-                intermediate_values={}, trial_id=-1))
+                user_attrs=attrs | details | {"row": row, "late_for": number}, system_attrs={},
+                intermediate_values=trial.intermediate_values, trial_id=-1))
             return self.storage.get_trial(new_id).number
 
         try:
@@ -427,11 +451,26 @@ class SharedStudy:
         return row | {"trial": trial.number, "status": "crash", "error": "lost", "val_bpb": 0.0,
                       "memory_gb": 0.0, "mean_bpb": 0.0, "runs": runs}
 
-    def import_rows(self, rows):
-        """Seed an empty study with the rows of an existing results.tsv (a single-worker run
-        that goes on with several) under their own trial numbers; numbers missing from the
-        file are taken by withdrawn placeholders, so new trials never reuse one. Run it from
-        one process, before the workers start. Returns how many rows were imported."""
+    def has_trials(self):
+        return bool(self._call("reading the study", self.storage.get_all_trials,
+                               self.study_id, deepcopy=False))
+
+    def claim(self):
+        """What the study was claimed for ({profile, data, time_budget}), or None."""
+        return self._call("reading the study", self.storage.get_study_user_attrs,
+                          self.study_id).get("claim")
+
+    def set_claim(self, claim):
+        self._call("claiming the study", self.storage.set_study_user_attr, self.study_id,
+                   "claim", _plain(claim, "claim"))
+
+    def import_rows(self, rows, curves=None):
+        """Seed an empty study with the rows of an existing results.tsv under their own trial
+        numbers; numbers missing from the file are taken by withdrawn placeholders, so new
+        trials never reuse one. `curves` ({trial: {step: value}}) become the trials'
+        intermediate values. Run it from one process, before any other writes. Returns how
+        many rows were imported."""
+        curves = curves or {}
         if self._call("reading the study", self.storage.get_all_trials, self.study_id,
                       deepcopy=False):
             raise StorageError(f"study {self.study_name!r} is not empty; import only into a "
@@ -454,12 +493,15 @@ class SharedStudy:
                 now = datetime.datetime.now()
                 self._call("importing rows", self.storage.create_new_trial, self.study_id,
                            template_trial=FrozenTrial(
-                               number=-1, state=TrialState.COMPLETE if ok else TrialState.FAIL,
+                               number=-1, state=TrialState.COMPLETE if ok
+                               else TrialState.PRUNED if row.get("status") == "pruned"
+                               else TrialState.FAIL,
                                value=value if ok else None, datetime_start=now,
                                datetime_complete=now, params={}, distributions={},
                                user_attrs=attrs | {"job": {"reservation": "imported"}},
                                system_attrs={},
-                               intermediate_values={}, trial_id=-1))
+                               intermediate_values={} if gap else curves.get(at, {}),
+                               trial_id=-1))
                 at += 1
         return len(rows)
 
@@ -483,6 +525,63 @@ class SharedStudy:
                                self.study_id)
             self._sources.update({k[7:]: v for k, v in attrs.items() if k.startswith("source:")})
         return self._sources.get(key)
+
+    # -- results.tsv as the view ----------------------------------------------------------
+
+    def write_view(self, path):
+        """Write `path` as a view of the whole study: every finished row of every worker, in trial
+        order, replaced in one rename so pandas never reads a half-written file. A file holding
+        rows that the study does not (another study, or runs before it) is refused, not
+        overwritten. Returns the rows written (read-only)."""
+        path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        view = self._view()
+        # Workers of one machine sync the same file one at a time. Another may have written rows
+        # that finished after our read: keep its lines, so the view never goes back, rather than
+        # read the study again while every other worker waits for the lock.
+        lock = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            header, old = _lines_in(path)
+            lines, newer = self._lines_of(view, old)
+            last = max(self.numbers_seen, default=-1)
+            known = path in self._views  # written or checked by this process before
+            if not known and any(int(t) > last for t in newer if t.isdigit()):
+                # Trials beyond what we have read, in a file we do not know: read again, so a
+                # results file of another run is not taken for a newer view of this study.
+                view = self._view()
+                lines, newer = self._lines_of(view, old)
+                last = max(self.numbers_seen, default=-1)
+            foreign = [t for t in newer if not t.isdigit() or int(t) > last and not known
+                       or int(t) <= last and int(t) not in self.numbers_running]
+            if foreign or newer and header != COLUMNS:
+                raise StorageError(
+                    f"{path} holds trial(s) {', '.join((foreign or list(newer))[:5])} that study "
+                    f"{self.study_name!r} does not; import them first (SharedStudy.import_rows) "
+                    f"or use another results file")
+            self._views.add(path)
+            if header == COLUMNS and old.keys() == lines.keys():
+                return [row for _, row in view]  # another worker already wrote this view
+            merged = lines | newer
+            text = "\t".join(COLUMNS) + "\n" + "".join(merged[t] for t in sorted(merged, key=int))
+            ledger.write_atomic(path, text)
+        finally:
+            os.close(lock)
+        return [row for _, row in view]
+
+
+    def _lines_of(self, view, old):
+        """Our rows as lines by trial number, and the file's lines of trials we have no row for."""
+        lines = {}
+        for trial_id, row in view:
+            if trial_id not in self._lines:
+                unknown = set(row) - set(COLUMNS)
+                if unknown:
+                    raise StorageError(f"trial {row['trial']}'s row carries unknown results "
+                                       f"column(s): {', '.join(sorted(unknown))}")
+                self._lines[trial_id] = ledger.format_row(row)
+            lines[str(row["trial"])] = self._lines[trial_id]
+        return lines, {t: line for t, line in old.items() if t not in lines}
 
     # -- liveness ---------------------------------------------------------------------------
 
@@ -610,13 +709,6 @@ def _float(text):
     return value if math.isfinite(value) else None
 
 
-def _format(name, value):
-    if name == "mean_bpb" and name not in ledger._FORMATS:
-        value = _float(value) or 0.0
-        return f"{value:.6f}"
-    return ledger._field(name, value)
-
-
 def _lines_in(path):
     """A results file's header and its whole rows by trial number, whatever its columns."""
     try:
@@ -635,56 +727,5 @@ def _lines_in(path):
 
 
 def sync_results_tsv(shared, path):
-    """Write `path` as a view of the whole study: every finished row of every worker, in trial
-    order, replaced in one rename so pandas never reads a half-written file. A file holding
-    rows that the study does not (another study, or runs before it) is refused, not
-    overwritten. Returns the rows written (read-only)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    view = shared._view()
-    # Workers of one machine sync the same file one at a time. Another may have written rows
-    # that finished after our read: keep its lines, so the view never goes back, rather than
-    # read the study again while every other worker waits for the lock.
-    lock = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        header, old = _lines_in(path)
-        lines, newer = _lines_of(view, shared, old)
-        last = max(shared.numbers_seen, default=-1)
-        known = path in shared._views  # written or checked by this process before
-        if not known and any(int(t) > last for t in newer if t.isdigit()):
-            # Trials beyond what we have read, in a file we do not know: read again, so a
-            # results file of another run is not taken for a newer view of this study.
-            view = shared._view()
-            lines, newer = _lines_of(view, shared, old)
-            last = max(shared.numbers_seen, default=-1)
-        foreign = [t for t in newer if not t.isdigit() or int(t) > last and not known
-                   or int(t) <= last and int(t) not in shared.numbers_running]
-        if foreign or newer and header != COLUMNS:
-            raise StorageError(
-                f"{path} holds trial(s) {', '.join((foreign or list(newer))[:5])} that study "
-                f"{shared.study_name!r} does not; import them first (SharedStudy.import_rows) "
-                f"or use another results file")
-        shared._views.add(path)
-        if header == COLUMNS and old.keys() == lines.keys():
-            return [row for _, row in view]  # another worker already wrote this view
-        merged = lines | newer
-        text = "\t".join(COLUMNS) + "\n" + "".join(merged[t] for t in sorted(merged, key=int))
-        ledger.write_atomic(path, text)
-    finally:
-        os.close(lock)
-    return [row for _, row in view]
-
-
-def _lines_of(view, shared, old):
-    """Our rows as lines by trial number, and the file's lines of trials we have no row for."""
-    lines = {}
-    for trial_id, row in view:
-        if trial_id not in shared._lines:
-            unknown = set(row) - set(COLUMNS)
-            if unknown:
-                raise StorageError(f"trial {row['trial']}'s row carries unknown results "
-                                   f"column(s): {', '.join(sorted(unknown))}")
-            shared._lines[trial_id] = "\t".join(_format(c, row.get(c)) for c in COLUMNS) + "\n"
-        lines[str(row["trial"])] = shared._lines[trial_id]
-    return lines, {t: line for t, line in old.items() if t not in lines}
+    """Write `path` as the view of `shared` (SharedStudy.write_view); returns its rows."""
+    return shared.write_view(path)

@@ -9,6 +9,7 @@
 A results row finds its directory through its `log` column (run.log's path relative to the
 results file), so the files stay readable however the results file is moved with its runs/.
 """
+import difflib
 import json
 import os
 import shutil
@@ -102,3 +103,22 @@ def curve(results_dir, log, keep=True):
         except OSError:
             pass
     return found
+
+
+def tail(log_path, lines=40, max_chars=4000):
+    """The last lines of a run's log (what a person reads first about a run), or ""."""
+    if not log_path:
+        return ""
+    try:
+        with open(log_path, errors="replace") as f:
+            text = "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+    return text[-max_chars:]
+
+
+def diff(before, after, name_before, name_after, max_chars=20000):
+    """A unified diff of two train.py sources ("" when they are the same)."""
+    text = "".join(difflib.unified_diff(before.splitlines(keepends=True),
+                                        after.splitlines(keepends=True), name_before, name_after))
+    return text if len(text) <= max_chars else text[:max_chars] + "\n... (cut)\n"

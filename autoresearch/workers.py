@@ -1,7 +1,7 @@
 """`loop.py --workers N`: N loops on one machine sharing one study, one per GPU.
 
-The parent opens the shared study (an SQLite file beside results.tsv unless --storage names
-another), seeds it with an existing results.tsv once, then starts N ordinary `loop.py --storage`
+The parent opens the study (the journal file beside results.tsv unless --storage names another),
+seeds it with an older results.tsv once, then starts N ordinary `loop.py --storage`
 processes, worker i pinned to GPU i (CUDA_VISIBLE_DEVICES) or, with no GPU, to cores/N threads,
 and waits for them. The workers coordinate only through the storage; the parent's job is to
 start them, split --trials between them, and pass Ctrl-C on.
@@ -20,10 +20,6 @@ _OWN_FLAGS = {"--workers": 1, "--gpus": 1, "--trials": 1, "--storage": 1, "--stu
 
 class WorkersError(ValueError):
     """A --workers/--gpus request the machine cannot honour."""
-
-
-def default_storage(results_path):
-    return "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(results_path)), "results.db")
 
 
 def split(total, n):

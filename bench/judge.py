@@ -155,7 +155,7 @@ def simulate(judge, loop, args, data_dir, null=False):
                             space_path=os.path.join(work, "search_space.yaml"),
                             results_path=os.path.join(work, "results.tsv"), data_dir=data_dir,
                             seed=loop, run_fn=trainer, worker="sim", strategy=args.strategy,
-                            sandbox="off",
+                            sandbox="off", storage=":memory:",  # simulated: no record to keep
                             **JUDGES[judge],
                             **(dict(max_runs=args.max_runs, confidence=args.confidence)
                                if judge == "noise" else {}))

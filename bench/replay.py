@@ -69,6 +69,8 @@ VARIANTS = {
     "pair": dict(CONFIRM, paired=True, **PRUNE),
     "new": dict(CONFIRM, **PRUNE),             # the loop's defaults
     "new+rerun-stops": dict(CONFIRM, prune_reruns=True, **PRUNE),  # before: re-runs stopped too
+    "new+median": dict(CONFIRM, prune="median", prune_start=0.1),      # Optuna's pruners instead
+    "new+wilcoxon": dict(CONFIRM, prune="wilcoxon", prune_start=0.1),
 }
 
 
@@ -185,11 +187,12 @@ def replay_loop(table, variant, strategy, loop, compute, data_dir, overrides=Non
         trainer = ReplayTrainer(table, defaults, rng)
         overrides = overrides or {}
         options = dict(VARIANTS[variant], **{k: v for k, v in overrides.items() if "." not in k})
+        # the study in memory: a replay's figures use the recorded seconds, not the record's
         settings = Settings(train_path=os.path.join(work, "train.py"),
                             space_path=os.path.join(work, "search_space.yaml"),
                             results_path=os.path.join(work, "results.tsv"), data_dir=data_dir,
                             seed=loop, run_fn=trainer, worker="replay", strategy=strategy,
-                            sandbox="off", **options)
+                            sandbox="off", storage=":memory:", **options)
         driver = Driver(settings, log=lambda *a: None)
         for name, value in overrides.items():  # judge.drop=0.5 and the like
             if name.startswith("judge.") and hasattr(driver.judge, name[6:]):

@@ -271,7 +271,7 @@ def fake_llm_work(tmp_path, smoke_data, monkeypatch):
                                  llm=dict(base_url=fake.url, model="fake", **llm)),
                         log=lambda *a: None)
         if baseline:
-            driver.step(0)  # DEPTH 2, MATRIX_LR 0.04, DEVICE_BATCH_SIZE 16
+            driver.step()  # DEPTH 2, MATRIX_LR 0.04, DEVICE_BATCH_SIZE 16
         return driver, fake, tmp_path
 
     yield start

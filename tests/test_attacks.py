@@ -40,7 +40,7 @@ def attack(fake_llm_work, monkeypatch, tmp_path):
 
     def run(answer):
         fake.script = [answer]
-        row = driver.step(1)
+        row = driver.step()
         assert row["description"].startswith("llm code:"), row  # it passed the static checks
         return row
 
@@ -118,7 +118,7 @@ def test_an_ordinary_edit_runs_and_is_kept_with_the_sandbox_on(fake_llm_work, mo
     driver, fake, work = fake_llm_work(timeout=2.0, max_retries=0, scope="code")
     driver.s.sandbox = "on"
     fake.script = [edit("+ 0.01 * DEPTH", "+ 0.001 * DEPTH", "a smaller depth penalty")]
-    row = driver.step(1)
+    row = driver.step()
     assert driver.sandbox.isolated
     assert row["status"] == "keep" and row["val_bpb"] == pytest.approx(1.4825, abs=1e-4)
     assert "0.001 * DEPTH" in open(work / "train.py").read()
@@ -145,8 +145,8 @@ def test_non_causal_attention_in_the_real_train_py_is_never_scored(tmp_path, smo
                                  trainer_env={"AUTORESEARCH_STEPS": "12"},
                                  llm=dict(base_url=fake.url, model="fake", scope="code",
                                           timeout=2.0, max_retries=0)), log=lambda *a: None)
-        assert driver.step(0)["status"] == "keep"
-        row = driver.step(1)
+        assert driver.step()["status"] == "keep"
+        row = driver.step()
     finally:
         fake.close()
     assert row["description"].startswith("llm code: let attention see the context")

@@ -87,14 +87,14 @@ def test_kept_edits_accumulate_in_train_py(code_work):
     base = open("train.py").read()
     fake.script = [edit("+ 0.01 * DEPTH", "+ 0.001 * DEPTH", "a smaller depth penalty"),
                    edit("MATRIX_LR = 0.04 ", "MATRIX_LR = 0.08 ", "toward the optimum")]
-    row = driver.step(1)
+    row = driver.step()
     assert row["description"].startswith("llm code: a smaller depth penalty (+1 -1 lines) [120 tokens, ")
     assert row["status"] == "keep" and row["changes"] == {}
     trial_py = open(work / "runs" / "0001" / "train.py").read()
     assert open("train.py").read() == trial_py != base  # the keep replaced train.py whole
     diff = open(work / "runs" / "0001" / "edit.diff").read()
     assert "-val_bpb = 1.0" in diff and "+val_bpb = 1.0" in diff and "0.001 * DEPTH" in diff
-    row = driver.step(2)
+    row = driver.step()
     assert row["status"] == "keep" and row["changes"] == {"MATRIX_LR": 0.08}
     now = open("train.py").read()
     assert "0.001 * DEPTH" in now and "MATRIX_LR = 0.08 " in now  # both edits, nothing reset
@@ -109,7 +109,7 @@ def test_kept_edits_accumulate_in_train_py(code_work):
 def test_unusable_edits_get_a_repair_round_then_fall_back(code_work):
     driver, fake, work = code_work
     fake.script = [edit("no such text", "x"), edit('print("---")', 'print("===")')]
-    row = driver.step(1)
+    row = driver.step()
     assert row["description"].startswith("llm fallback (the summary block must stay")
     assert "does not occur" in fake.requests[1]["body"]["messages"][-1]["content"]
     assert not os.path.exists(work / "runs" / "0001" / "edit.diff")  # the greedy step ran instead
@@ -119,8 +119,8 @@ def test_a_repeated_edit_is_refused(code_work):
     driver, fake, work = code_work
     change = edit("+ 0.01 * DEPTH", "+ 0.02 * DEPTH")
     fake.script = [change, change, edit("+ 0.01 * DEPTH", "+ 0.03 * DEPTH")]
-    assert driver.step(1)["status"] == "discard"
-    row = driver.step(2)
+    assert driver.step()["status"] == "discard"
+    row = driver.step()
     assert row["description"].startswith("llm code:") and "0.03 * DEPTH" in \
         open(work / "runs" / "0002" / "edit.diff").read()
     assert "tried already" in fake.requests[2]["body"]["messages"][-1]["content"]
@@ -132,7 +132,7 @@ def test_a_summary_past_the_budget_is_a_crash_not_a_keep(code_work):
     fake.script = [json.dumps({"rationale": "train longer", "edits": [
         {"search": 'print("training_seconds: 1.0")', "replace": 'print("training_seconds: 99.0")'},
         {"search": "+ 0.01 * DEPTH", "replace": "- 0.5"}]})]
-    row = driver.step(1)  # the edit also scores far better: the guard must hold all the same
+    row = driver.step()  # the edit also scores far better: the guard must hold all the same
     assert row["status"] == "crash" and row["error"] == "error: contract: trained 99.0s, past the 5s budget"
     assert open("train.py").read() == best
 
@@ -140,7 +140,7 @@ def test_a_summary_past_the_budget_is_a_crash_not_a_keep(code_work):
 def test_an_edit_that_runs_out_of_memory_teaches_nothing_about_sizes(code_work):
     driver, fake, work = code_work
     fake.script = [edit('BEHAVIOUR = "ok"', 'BEHAVIOUR = "oom_above_4"', "a memory-hungry idea")]
-    row = driver.step(1)
+    row = driver.step()
     assert "oom retry: DEVICE_BATCH_SIZE 16->4" in row["description"]
     assert row["params"]["DEVICE_BATCH_SIZE"] == 4 and row["status"] == "discard"
     assert 'BEHAVIOUR = "oom_above_4"' in open(work / "runs" / "0001" / "train.py").read()

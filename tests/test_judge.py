@@ -261,35 +261,39 @@ def test_resume_after_kill_9_during_a_retest(tmp_path, smoke_data, monkeypatch):
     resumed = loop_cli(["--trials", "1", *RACE_FLAGS], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     df = pd.read_csv(results, sep="\t")
-    assert df.trial.tolist() == list(range(6))
-    last = df.iloc[-1]
+    assert df.trial.tolist() == list(range(7))
+    lost, last = df.iloc[-2], df.iloc[-1]  # the killed run, recorded on restart, and its re-run
+    assert (lost.status, lost.error, lost.config, lost.seed) == ("crash", "lost", df.config[3], 43)
     assert last.config == df.config[3] and last.seed == 43 and last.runs == 2
     assert last.status == "keep" and "retest 2/3" in last.description
-    for _, group in df.groupby("config"):
+    for _, group in df[df.error != "lost"].groupby("config"):
         assert group.seed.is_unique
 
 
 def test_a_20_column_results_file_resumes(tmp_path, smoke_data, monkeypatch):
-    """A file from before the judge: it is migrated on the first new row (original kept as
-    .20col.bak), its configs come from the runs' own train.py, and with no repeats in it the
-    noise floor is measured first, by re-running the incumbent."""
+    """A file from before the judge (and the study): it is imported into a new study on the first
+    start (the original kept as results.tsv.imported) and rewritten as its view, its configs
+    come from the runs' own train.py, and with no repeats in it the noise floor is measured
+    first, by re-running the incumbent."""
     monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
     monkeypatch.chdir(tmp_path)
     shutil.copy(FAKE, tmp_path / "train.py")
     (tmp_path / "search_space.yaml").write_text(FAKE_SPACE)
     driver = Driver(Settings(judge="threshold", baseline_runs=1, grace=30), log=lambda *a: None)
     for t in range(4):
-        driver.step(t)
+        driver.step()
     old = open("results.tsv").read().splitlines()
     legacy = "".join("\t".join(line.split("\t")[:20]) + "\n" for line in old)
     open("results.tsv", "w").write(legacy)
+    driver.close()
+    os.remove("results.journal")  # from before the study
     incumbent = driver.incumbent
     resumed = Driver(Settings(grace=30), log=lambda *a: None)
     assert resumed.incumbent.id == incumbent.id and resumed.noise is None
     row = resumed.step()
     assert row["config"] == incumbent.id and row["status"] == "keep"
     assert row["description"].startswith("incumbent re-run 2 (noise floor first)")
-    assert open("results.tsv.20col.bak").read() == legacy
+    assert open("results.tsv.imported").read() == legacy
     df = pd.read_csv("results.tsv", sep="\t")
     assert list(df.columns[-4:]) == ["config", "runs", "mean_bpb", "worker"] and len(df) == 5
     original = pd.read_csv(io.StringIO("\n".join(old) + "\n"), sep="\t")

@@ -27,10 +27,10 @@ def test_valid_json_and_a_fenced_answer(llm_work):
     driver, fake, work = llm_work
     fake.script = [ok({"MATRIX_LR": 0.08}, "higher LR trains faster"),
                    "Sure! Here is my proposal:\n```json\n" + ok({"DEPTH": 1}) + "\n```\nGood luck."]
-    row = driver.step(1)
+    row = driver.step()
     assert row["description"].startswith("llm: higher LR trains faster [120 tokens, ")
     assert row["params"]["MATRIX_LR"] == 0.08 and row["status"] == "keep"
-    row = driver.step(2)
+    row = driver.step()
     assert row["description"].startswith("llm: because") and row["params"]["DEPTH"] == 1
     prompt = fake.requests[0]["body"]["messages"][1]["content"]
     assert "MATRIX_LR: number from 0.01 to 0.32 (log scale)" in prompt
@@ -48,7 +48,7 @@ def test_valid_json_and_a_fenced_answer(llm_work):
 def test_bad_values_get_one_repair_round(llm_work):
     driver, fake, work = llm_work
     fake.script = [ok({"MATRIX_LR": 5.0, "NOT_A_CONSTANT": 1}), ok({"MATRIX_LR": 0.1})]
-    row = driver.step(1)
+    row = driver.step()
     assert row["description"].startswith("llm: ") and row["params"]["MATRIX_LR"] == 0.1
     repair = fake.requests[1]["body"]["messages"][-1]["content"]
     assert "cannot be used" in repair and ("outside" in repair or "not in the search space" in repair)
@@ -58,7 +58,7 @@ def test_an_injection_attempt_never_reaches_train_py(llm_work):
     driver, fake, work = llm_work
     evil = "0.1\nimport os; os.system('touch pwned')"
     fake.script = [ok({"MATRIX_LR": evil}), ok({"DEPTH": "3); import os; os.system('touch pwned'"})]
-    row = driver.step(1)
+    row = driver.step()
     assert row["description"].startswith("llm fallback (") and "greedy:" in row["description"]
     assert not (work / "pwned").exists()
     for r in driver.rows:
@@ -69,14 +69,14 @@ def test_an_injection_attempt_never_reaches_train_py(llm_work):
 def test_empty_answers_fall_back(llm_work):
     driver, fake, work = llm_work
     fake.script = ["", "   "]
-    row = driver.step(1)
+    row = driver.step()
     assert row["description"].startswith("llm fallback (the answer was empty)")
 
 
 def test_429_is_retried_by_the_client(llm_work):
     driver, fake, work = llm_work
     fake.script = [{"status": 429, "body": "rate limited"}, ok({"DEVICE_BATCH_SIZE": 8})]
-    row = driver.step(1)
+    row = driver.step()
     assert row["description"].startswith("llm: ") and row["params"]["DEVICE_BATCH_SIZE"] == 8
     assert len(fake.requests) == 2
 
@@ -86,7 +86,7 @@ def test_a_hung_endpoint_times_out_and_the_loop_goes_on(llm_work):
     driver.proposer.chat.client = driver.proposer.chat.client.with_options(max_retries=0)
     fake.script = [{"hang": 3}]
     t0 = time.time()
-    row = driver.step(1)
+    row = driver.step()
     assert row["description"].startswith("llm fallback (APITimeoutError)")
     assert time.time() - t0 < 20 and row["status"] in ("keep", "discard")
 
@@ -95,9 +95,9 @@ def test_endpoint_without_json_schema_steps_down_without_losing_the_answer(llm_w
     driver, fake, work = llm_work
     fake.script = [{"status": 400, "body": "response_format json_schema is not supported"},
                    ok({"DEPTH": 3}), ok({"DEPTH": 1})]
-    row = driver.step(1)
+    row = driver.step()
     assert row["params"]["DEPTH"] == 3 and row["description"].startswith("llm: ")
-    driver.step(2)
+    driver.step()
     formats = [r["body"].get("response_format", {}).get("type") for r in fake.requests]
     assert formats == ["json_schema", "json_object", "json_object"]  # remembered for the run
     assert "DEPTH" in json.dumps(fake.requests[1]["body"]["response_format"]["schema"])
@@ -107,7 +107,7 @@ def test_call_cap_and_the_key_is_written_nowhere(llm_work):
     driver, fake, work = llm_work
     driver.proposer.chat.max_calls = 2
     fake.script = [ok({"DEPTH": 3}), ok({"DEPTH": 1}), ok({"MATRIX_LR": 0.2})]
-    descriptions = [driver.step(t)["description"] for t in (1, 2, 3)]
+    descriptions = [driver.step()["description"] for t in (1, 2, 3)]
     assert descriptions[0].startswith("llm: ") and descriptions[1].startswith("llm: ")
     assert descriptions[2].startswith("llm fallback (budget spent (2 calls")
     assert len(fake.requests) == 2
@@ -129,7 +129,7 @@ def test_centaur_shares_cma_state_with_the_llm_and_tells_cma_everything(fake_llm
     driver, fake, _ = fake_llm_work("centaur", baseline=False, timeout=2.0, llm_fraction=0.5)
     fake.script = [ok({"MATRIX_LR": 0.08}, "toward the optimum"), ok({"DEPTH": 1}),
                    ok({"DEVICE_BATCH_SIZE": 8})]
-    rows = [driver.step(t) for t in range(9)]
+    rows = [driver.step() for t in range(9)]
     by = [r["description"].split(":")[0] for r in rows[1:]]
     assert by.count("centaur/llm") >= 3 and by.count("centaur/cmaes") >= 3, by
     prompt = fake.requests[0]["body"]["messages"][1]["content"]
@@ -171,7 +171,7 @@ def test_the_prompt_carries_curves_and_the_report_sums_the_cost(llm_work):
     driver, fake, work = llm_work
     fake.script = [ok({"MATRIX_LR": 0.08}), ok({"DEPTH": 1}), "not json", "still not json"]
     for t in (1, 2, 3):
-        driver.step(t)
+        driver.step()
     prompt = fake.requests[1]["body"]["messages"][1]["content"]
     assert "curve: smoothed train loss at 10, 25, 50, 75 and 100%" in prompt
     assert "loss 6.00 5.50 5.00 4.50 4.00, 5 steps, 1.0k tok/s, improving" in prompt

@@ -48,13 +48,13 @@ def test_greedy_ratchet_is_cumulative_and_train_py_holds_the_best(work):
     challenger is re-run once before it is kept, a worse one is discarded after one run."""
     driver = Driver(Settings(seed=3, grace=30, baseline_runs=3, confidence=0.95, drop=0.0,
                              incumbent_rule="race", prune="off"), log=lambda *a: None)
-    rows = [driver.step(t) for t in range(3)]
+    rows = [driver.step() for t in range(3)]
     assert [r["status"] for r in rows] == ["keep"] * 3 and {r["config"] for r in rows} == {rows[0]["config"]}
     assert [r["seed"] for r in rows] == [42, 43, 44] and rows[2]["runs"] == 3
     for trial in range(3, 20):
         before = searched()
         best_before, best_mean = driver.best()
-        row = driver.step(trial)
+        row = driver.step()
         rows.append(row)
         if row["description"].startswith("incumbent re-run"):  # at the start of a race
             assert row["status"] == "keep" and row["params"] == best_before and searched() == before
@@ -85,7 +85,7 @@ def test_greedy_ratchet_is_cumulative_and_train_py_holds_the_best(work):
 def test_threshold_judge_keeps_single_runs(work):
     driver = Driver(Settings(seed=3, grace=30, judge="threshold", baseline_runs=1),
                     log=lambda *a: None)
-    rows = [driver.step(t) for t in range(8)]
+    rows = [driver.step() for t in range(8)]
     assert rows[0]["description"] == "baseline"
     assert all(r["runs"] == 1 for r in rows) and "retest" not in {r["status"] for r in rows}
     best = float(rows[0]["val_bpb"])
@@ -154,7 +154,9 @@ def test_resume_after_kill_9_mid_trial(work):
     resumed = loop_cli(["--trials", "2"], work)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     df = pd.read_csv(work / "results.tsv", sep="\t")
-    assert df.trial.tolist() == [0, 1, 2, 3] and df.description[0] == "baseline"
+    # the killed run is a crash row `lost` (the study saw it start), then two more runs
+    assert df.trial.tolist() == [0, 1, 2, 3, 4] and df.description[0] == "baseline"
+    assert (df.status[2], df.error[2]) == ("crash", "lost")
     assert (df.description == "baseline").sum() == 1
     keeps = df[df.status == "keep"]
     best = json.loads(keeps.loc[keeps.val_bpb.idxmin(), "params"])
@@ -164,7 +166,7 @@ def test_resume_after_kill_9_mid_trial(work):
 def test_resume_restores_a_drifted_train_py(work):
     driver = Driver(Settings(seed=1, grace=30), log=lambda *a: None)
     for trial in range(4):
-        driver.step(trial)
+        driver.step()
     best = searched()
     set_fake("train.py", MATRIX_LR=0.011, DEPTH=3)  # somebody edited it by hand
     messages = []
@@ -175,7 +177,7 @@ def test_resume_restores_a_drifted_train_py(work):
 def test_oom_retry_halves_the_micro_batch(work):
     set_fake("train.py", BEHAVIOUR="oom_above_4", DEVICE_BATCH_SIZE=16)
     driver = Driver(Settings(grace=30), log=lambda *a: None)
-    row = driver.step(0)
+    row = driver.step()
     assert row["status"] == "keep"
     assert row["description"] == "baseline (oom retry: DEVICE_BATCH_SIZE 16->4)"
     assert row["params"]["DEVICE_BATCH_SIZE"] == 4 and searched()["DEVICE_BATCH_SIZE"] == 4
@@ -188,7 +190,7 @@ def test_oom_beyond_the_retry_limit_is_a_crash(work):
     set_fake("train.py", BEHAVIOUR="oom_above_4", DEVICE_BATCH_SIZE=16)
     driver = Driver(Settings(grace=30, oom_retries=1), log=lambda *a: None)
     with pytest.raises(LoopError, match="baseline crashed .oom."):
-        driver.step(0)
+        driver.step()
     df = pd.read_csv("results.tsv", sep="\t")
     assert df.status.tolist() == ["crash"] and df.error.tolist() == ["oom"]
     assert df.val_bpb.tolist() == [0.0]
@@ -196,16 +198,16 @@ def test_oom_beyond_the_retry_limit_is_a_crash(work):
 
 def test_crashes_and_timeouts_are_rows_and_the_loop_goes_on(work):
     driver = Driver(Settings(grace=2, time_budget=1, baseline_runs=1), log=lambda *a: None)
-    driver.step(0)
+    driver.step()
     base = open("train.py").read()
     set_fake("train.py", BEHAVIOUR="hang")  # every candidate from now on hangs
-    row = driver.step(1)
+    row = driver.step()
     assert row["status"] == "crash" and row["error"] == "timeout"
     set_fake("train.py", BEHAVIOUR="traceback")
-    row = driver.step(2)
+    row = driver.step()
     assert row["status"] == "crash" and row["error"].startswith("error: ValueError: boom")
     open("train.py", "w").write(base)
-    row = driver.step(3)
+    row = driver.step()
     assert row["status"] in ("keep", "discard", "retest")
 
 
@@ -256,7 +258,7 @@ def test_dry_run_prints_candidates_and_runs_nothing(work):
 
 def test_refuses_to_mix_another_dataset(work, tmp_path_factory):
     driver = Driver(Settings(grace=30), log=lambda *a: None)
-    driver.step(0)
+    driver.step()
     import prepare
     other = tmp_path_factory.mktemp("other")
     assert prepare.main(["--profile", "smoke", "--synthetic-docs", "1500", "--cache-dir",
@@ -272,7 +274,7 @@ def test_space_exhaustion_is_reported_not_looped(work):
     driver = Driver(Settings(grace=30, max_proposals=50), log=lambda *a: None)
     with pytest.raises(LoopError, match="exhausted"):
         for trial in range(12):  # the baseline (DEPTH 2), the two other depths, their re-runs
-            driver.step(trial)
+            driver.step()
     assert sorted(c.params["DEPTH"] for c in driver.configs.values()) == [1, 2, 3]
     assert trial < 12
 
@@ -318,8 +320,8 @@ def test_oom_lessons_shrink_later_candidates_before_they_run(work):
     not to fit (except to learn a new lesson: the fake also fails at DEPTH 1, which is smaller)."""
     set_fake("train.py", BEHAVIOUR="oom_above_4")
     driver = Driver(Settings(seed=0, grace=30), log=lambda *a: None)
-    driver.step(0)
-    rows = [driver.step(t) for t in range(1, 9)]
+    driver.step()
+    rows = [driver.step() for t in range(1, 9)]
     wasted = [t for t in range(1, 9)
               if any(f.startswith("run.oom") for f in os.listdir(work / "runs" / f"{t:04d}"))]
     assert len(wasted) <= 1, wasted

@@ -15,14 +15,14 @@ BASE = {"LR": 0.01}
 def write(path, rows, columns=None):
     """rows: (status, val_bpb, description, error, params, strategy, seed). Config ids, run
     counts and means as the loop writes them."""
-    ledger = L.Ledger(str(path))
+    lines = []
     seen = {}
     for i, (status, val, desc, error, params, strategy, seed) in enumerate(rows):
         config = history.config_id(params)
         values = seen.setdefault(config, [])
         if status != "crash":
             values.append(val)
-        ledger.append({"commit": f"c{i:06d}", "val_bpb": val, "memory_gb": 1.0, "status": status,
+        lines.append(L.format_row({"commit": f"c{i:06d}", "val_bpb": val, "memory_gb": 1.0, "status": status,
                        "description": desc, "trial": i, "started_at": L.now_iso(),
                        "strategy": strategy, "profile": "cpu", "seed": seed,
                        "changes": {k: v for k, v in params.items() if BASE.get(k) != v},
@@ -31,7 +31,8 @@ def write(path, rows, columns=None):
                        "num_params_M": 1.2, "error": error, "log": f"runs/{i:04d}/run.log",
                        "config": config, "runs": len(values),
                        "mean_bpb": sum(values) / len(values) if status != "crash" else 0.0,
-                       "worker": "box/cpu"})
+                       "worker": "box/cpu"}))
+    L.write_atomic(str(path), L.HEADER + "".join(lines))
     if columns == "legacy":  # as written before the last four columns existed
         lines = open(path).read().splitlines()
         open(path, "w").write("".join("\t".join(line.split("\t")[:20]) + "\n" for line in lines))

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from autoresearch import ledger as L
+from autoresearch.record import Record
 from autoresearch.patch import patch_constants
 from autoresearch.runner import run_trial
 from conftest import ROOT
@@ -130,52 +131,75 @@ def row(trial, **kw):
     return base | kw
 
 
-def _writer(path, start, n):
-    ledger = L.Ledger(path)
-    for i in range(start, start + n):
-        ledger.append(row(i, description="x" * (i % 300)))
+def _writer(path, n):
+    record = Record(path)
+    for _ in range(n):
+        trial = record.reserve({"config": f"c{os.getpid()}", "purpose": "new"}, [])
+        assert trial is not None
+        record.finish(trial, row(trial, description="x" * (trial % 300), status="discard"))
+        record.rows()  # the view after every run, as the loop writes it
+    record.close()
 
 
-def test_concurrent_writers_never_interleave(tmp_path):
+def test_concurrent_writers_share_one_study_and_never_tear_the_view(tmp_path):
     path = str(tmp_path / "results.tsv")
-    procs = [multiprocessing.Process(target=_writer, args=(path, k * 1000, 150)) for k in range(4)]
+    procs = [multiprocessing.Process(target=_writer, args=(path, 25)) for k in range(4)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    Record(path).rows()  # the last view
     df = pd.read_csv(path, sep="\t")
-    assert list(df.columns) == L.COLUMNS and len(df) == 600
-    assert sorted(df.trial) == sorted(k * 1000 + i for k in range(4) for i in range(150))
+    assert list(df.columns) == L.COLUMNS and len(df) == 100
+    assert sorted(df.trial) == list(range(100))  # numbers unique across the writers
     assert (df.description.fillna("").str.len() == df.trial % 300).all()  # no row torn
+    assert os.path.exists(tmp_path / "results.journal")
 
 
 def test_fields_are_sanitised_and_formatted(tmp_path):
-    ledger = L.Ledger(str(tmp_path / "results.tsv"))
-    ledger.append(row(0, description="tab\there\nnewline", error="error: a\tb", val_bpb=float("nan")))
-    df = pd.read_csv(ledger.path, sep="\t")
+    path = str(tmp_path / "results.tsv")
+    L.write_atomic(path, L.HEADER + L.format_row(
+        row(0, description="tab\there\nnewline", error="error: a\tb", val_bpb=float("nan"))))
+    df = pd.read_csv(path, sep="\t")
     assert df.description[0] == "tab here newline" and df.val_bpb[0] == 0.0
-    line = open(ledger.path).read().splitlines()[1].split("\t")
+    line = open(path).read().splitlines()[1].split("\t")
     assert line[1] == "0.000000" and line[2] == "1.2"  # 6 decimals, 1 decimal
+    with pytest.raises(ValueError, match="unknown results column"):
+        L.format_row(row(1, colour="red"))
 
 
-def test_a_torn_tail_is_ignored_then_repaired(tmp_path):
-    ledger = L.Ledger(str(tmp_path / "results.tsv"))
-    ledger.append(row(0))
-    with open(ledger.path, "a") as f:
-        f.write("deadbee\t0.5")  # what a writer killed mid-row would leave (not us: one write())
-    assert len(ledger.rows()) == 1
-    ledger.append(row(1))
-    df = pd.read_csv(ledger.path, sep="\t")
-    assert list(df.trial) == [0, 1]
+def test_a_torn_tail_is_ignored(tmp_path):
+    path = str(tmp_path / "results.tsv")
+    L.write_atomic(path, L.HEADER + L.format_row(row(0)))
+    with open(path, "a") as f:
+        f.write("deadbee\t0.5")  # what a writer killed mid-row would leave (not us: a rename)
+    assert [r["trial"] for r in L.Ledger(path).rows()] == ["0"]
+
+
+def test_a_torn_journal_line_is_cut_off_and_the_study_goes_on(tmp_path):
+    path = str(tmp_path / "results.tsv")
+    record = Record(path)
+    trial = record.reserve({"config": "a", "purpose": "new"}, [])
+    record.finish(trial, row(trial))
+    record.close()
+    with open(tmp_path / "results.journal", "a") as f:
+        f.write('{"op_code":5,"worker_id":"x","trial_id":0,"st')  # a crash mid-write
+    record = Record(path)
+    trial = record.reserve({"config": "b", "purpose": "new"}, [])
+    record.finish(trial, row(trial))
+    assert [r["trial"] for r in record.rows()] == ["0", "1"]
+    record.close()
 
 
 def test_bind_refuses_another_profile_or_dataset(tmp_path):
     ledger = L.Ledger(str(tmp_path / "results.tsv"))
     ledger.bind("smoke", "data-a")
     assert not os.path.exists(ledger.meta_path)  # nothing written until the first row
-    ledger.append(row(0))
+    ledger.write_claim()
     ledger.bind("smoke", "data-a")
     with pytest.raises(L.LedgerError, match="dataset|data"):
         ledger.bind("smoke", "data-b")
     with pytest.raises(L.LedgerError, match="profile 'smoke'"):
-        ledger.bind("cpu", "data-a")
+        L.write_atomic(ledger.path, L.HEADER + L.format_row(row(0)))
+        L.Ledger(ledger.path).bind("cpu", "data-a")

@@ -20,8 +20,10 @@ WORKER = os.path.join(ROOT, "tests", "fixtures", "storage_worker.py")
 FAST = dict(heartbeat_seconds=1, grace=2, retry_seconds=30)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
+@pytest.fixture(params=["journal", "sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
 def url(request, tmp_path):
+    if request.param == "journal":  # the default: Optuna's journal file beside results.tsv
+        return str(tmp_path / "study.journal")
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/study.db"
     return request.getfixturevalue("postgres_url")
@@ -227,10 +229,10 @@ def test_sync_refuses_to_overwrite_rows_the_study_lacks_and_imports_them(tmp_pat
     url = f"sqlite:///{tmp_path}/study.db"
     old = tmp_path / "results.tsv"
     from autoresearch import ledger
-    led = ledger.Ledger(str(old))
-    led.append({"val_bpb": 1.9, "status": "keep", "description": "baseline", "trial": 0})
-    led.append({"val_bpb": 0, "status": "crash", "error": "oom", "trial": 2})
-    before = led.rows()
+    ledger.write_atomic(str(old), ledger.HEADER + "".join(ledger.format_row(r) for r in (
+        {"val_bpb": 1.9, "status": "keep", "description": "baseline", "trial": 0},
+        {"val_bpb": 0, "status": "crash", "error": "oom", "trial": 2})))
+    before = ledger.Ledger(str(old)).rows()
     with SharedStudy(url, "s", **FAST) as s:
         with pytest.raises(StorageError, match=r"holds trial\(s\) 0, 2"):
             sync_results_tsv(s, old)

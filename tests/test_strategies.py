@@ -85,11 +85,11 @@ def test_resume_feeds_config_means_to_the_study(strategy, tmp_path, smoke_data, 
     set_fake("train.py", NOISE=0.01)
     first = Driver(Settings(strategy=strategy, grace=30), log=lambda *a: None)
     for trial in range(8):
-        first.step(trial)
+        first.step()
     decided_before = {c.id: c for c in first.configs.values() if c.status in ("keep", "discard")}
     second = Driver(Settings(strategy=strategy, seed=1, grace=30), log=lambda *a: None)
     for trial in range(8, 14):
-        second.step(trial)
+        second.step()
     study = second.proposer.study
     told = sorted(t.value for t in study.trials if t.state.name == "COMPLETE")
     for c in decided_before.values():  # the means, not single runs
