@@ -74,8 +74,8 @@ def render(url, profile_dir, ready):
 
 
 def learning_curves(dom):
-    """The intermediate values plot as Plotly drew it: {legend name: points drawn}, and the axis
-    titles."""
+    """The intermediate values plot as Plotly drew it: {legend name: markers drawn}, and the axis
+    titles (the legend lists the traces in the order they are drawn)."""
     start = dom.find('id="graph-intermediate-values"')
     if start < 0:
         return {}, []
@@ -85,6 +85,9 @@ def learning_curves(dom):
     points = [t.count('class="point"') for t in plot.split('<g class="trace scatter')[1:]]
     axes = re.findall(r'<text class="[xy]title"[^>]*>([^<]*)<', plot)
     return dict(zip(names, points)), axes
+
+
+LOOP_ARGS = ["--budget", "30", "--baseline-runs", "2"]  # the study: results.journal
 
 
 @pytest.fixture
@@ -106,8 +109,7 @@ def test_the_dashboard_of_a_real_loop_renders_its_trials_states_and_curves(tmp_p
         "smoke:\n  mutate: [1, 1]\n  params:\n    HEAD_DIM: {choices: [32, 33]}\n"
         "    MATRIX_LR: {low: 0.01, high: 0.1, log: true}\n")
     env = {"AUTORESEARCH_DATA": smoke_data.dir, "AUTORESEARCH_STEPS": "20"}
-    loop = loop_cli(["--trials", "6", "--budget", "30", "--baseline-runs", "2",
-                     "--storage", str(tmp_path / "results.journal")], tmp_path, env)
+    loop = loop_cli(LOOP_ARGS + ["--trials", "6"], tmp_path, env)
     assert loop.returncode == 0, loop.stderr[-3000:]
     df = pd.read_csv(tmp_path / "results.tsv", sep="\t")
     assert len(df) == 6 and "crash" in df.status.tolist(), df[["trial", "status", "description"]]
@@ -117,10 +119,12 @@ def test_the_dashboard_of_a_real_loop_renders_its_trials_states_and_curves(tmp_p
     study = optuna.load_study(study_name="autoresearch", storage=open_storage(location))
     trials = {t.number: t for t in study.trials}
     assert sorted(trials) == df.trial.tolist()
-    # optuna-dashboard draws the curves of finished, pruned and running trials, not failed ones.
-    curves = {f"trial #{n}" + (" (running)" if t.state.name == "RUNNING" else ""):
-              len(t.intermediate_values) for n, t in trials.items()
-              if t.intermediate_values and t.state.name != "FAIL"}
+    # optuna-dashboard 0.21 draws the curves of complete and running trials, and of pruned
+    # trials that have a value; not of failed ones.
+    curves = {f"trial #{n}" + (" (running)" if t.state.name == "RUNNING" else "")
+              for n, t in trials.items() if len(t.intermediate_values) >= 2 and (
+                  t.state.name in ("COMPLETE", "RUNNING")
+                  or t.state.name == "PRUNED" and t.value is not None)}
 
     server = subprocess.Popen([sys.executable, LOOP, "dashboard", "--results", "results.tsv",
                                "--port", "0"], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -159,10 +163,28 @@ def test_the_dashboard_of_a_real_loop_renders_its_trials_states_and_curves(tmp_p
             assert "Pruned" in timeline
         drawn, axes = learning_curves(dom)
         assert curves, "the loop wrote no intermediate values: no learning curve to show"
-        assert drawn == curves, (drawn, curves)  # one line per run with a curve, every point
+        assert set(drawn) == curves, (drawn, curves)  # one line per run with a curve
+        assert all(2 <= n <= 10 for n in drawn.values()), drawn  # Plotly marks 10 at most
         assert axes == ["Step", "Objective Value"]
-        completed = {f"trial #{r.trial}" for r in df.itertuples() if r.status != "crash"}
-        assert completed <= set(drawn)
+        finished = {f"trial #{r.trial}" for r in df.itertuples()
+                    if r.status in ("keep", "discard", "retest")}
+        assert finished <= set(drawn)
+
+        # A crashed trial's page: what a person opens to see why (its verdict, log tail, diff).
+        crash = int(df[df.status == "crash"].trial.iloc[0])
+        text = page_text(render(f"{url}/trials?numbers={crash}", tmp_path / "chromium",
+                                f"Trial {crash} (trial_id="))
+        shown = text[text.index(f"Trial {crash} (trial_id="):]
+        assert shown.split()[3] == "Fail", shown[:500]
+        assert "User Attributes" in shown and "HEAD_DIM=33 must be a positive even integer" in shown
+        for key in ("verdict", "log_tail", "diff", "row"):
+            assert f" {key} " in shown, (key, shown[:3000])
+
+        # Live: a run of the loop resumed while the dashboard serves is on the page, unrestarted.
+        more = loop_cli(LOOP_ARGS + ["--trials", "1"], tmp_path, env)
+        assert more.returncode == 0, more.stderr[-3000:]
+        text = page_text(render(url + "/trials", tmp_path / "chromium", f"{len(df) + 1} Trials"))
+        assert f"{len(df) + 1} Trials" in text and f"Trial {len(df)} " in text, text[:3000]
     finally:
         server.send_signal(signal.SIGINT)  # Ctrl-C
         out, err = server.communicate(timeout=30)

@@ -1,5 +1,6 @@
 """autoresearch.ipynb executed top to bottom on CPU, twice: the second run resumes."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def test_notebook_runs_end_to_end_and_resumes(repo_copy):
                      for o in c.outputs)
     assert "profile: smoke" in text and "val_bpb:" in text and "incumbent:" in text
     assert "baseline: mean val_bpb" in text and "noise floor" in text
+    # The dashboard cell, outside Colab: says so, and where the kernel serves the study.
+    assert "not in Colab" in text and re.search(r"http://127\.0\.0\.1:\d+/dashboard/studies/0",
+                                                text), text[-3000:]
     df = pd.read_csv(repo_copy / "results.tsv", sep="\t")
     assert df.trial.tolist() == [0, 1, 2, 3, 4] and df.description[0] == "baseline"
     assert (df.strategy[:3] == "baseline").all() and df.runs[2] == 3
