@@ -18,9 +18,10 @@ fractions said once in LEGEND:
     loss 7.62 7.30 6.51 6.16 5.89, 17 steps, 1.2k tok/s, improving
 """
 import math
-import re
 import statistics
 from dataclasses import asdict, dataclass, field
+
+from autoresearch import protocol
 
 FRACTIONS = (0.10, 0.25, 0.50, 0.75, 1.00)
 # Where a running trial is compared with the incumbent's runs (judge.EarlyStop).
@@ -31,8 +32,6 @@ SIGNALS = ("improving", "plateaued", "noisy", "diverging")
 IMPROVING = 0.01     # last quarter's drop, relative to the final loss, that counts as improving
 NOISY = 3.0          # second half: total up-and-down movement over the net drop
 DIVERGING = 0.02     # final loss above the lowest, relative to it
-_LINE = re.compile(r"^step (\d+) \| progress ([\d.]+) \| loss ([^ |]+) .*?\| tok/s ([\d,.]+)")
-_FAIL = re.compile(r"^FAIL: (\w+)")
 
 
 @dataclass
@@ -68,16 +67,12 @@ def parse_progress(text):
     """[(step, progress, loss, tok/s)] from a log's progress lines, and the FAIL reason."""
     points, failed = [], ""
     for line in text.splitlines():
-        m = _LINE.match(line)
-        if m:
-            try:
-                loss = float(m.group(3))
-            except ValueError:
-                continue
-            points.append((int(m.group(1)), float(m.group(2)), loss,
-                           float(m.group(4).replace(",", ""))))
+        point = protocol.progress_point(line)
+        if point is not None:
+            if point[3] is not None:
+                points.append(point)
             continue
-        m = _FAIL.match(line)
+        m = protocol.FAIL.match(line)
         if m:
             failed = m.group(1)
     return points, failed

@@ -6,6 +6,7 @@ The score itself does not travel through stdout: the fixed evaluation (prepare.F
 the loop's process and talks to the trainer over a socket (see prepare.py); the printed val_bpb
 must only agree with it.
 """
+import math
 import re
 
 SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
@@ -22,7 +23,9 @@ PROTECTED = (
 
 EVAL_FD_ENV = "AUTORESEARCH_EVAL_FD"  # prepare.EVAL_FD_ENV: the evaluation socket's fd
 
-_PROGRESS = re.compile(r"^step (\d+) \| progress ([\d.]+) \| loss ([\d.]+)")
+# train.py's progress line: `step N | progress P | loss L | ... | tok/s X | ...` (loss smoothed)
+PROGRESS = re.compile(r"^step (\d+) \| progress ([\d.]+) \| loss ([^ |]+)(?: .*?\| tok/s ([\d,.]+))?")
+FAIL = re.compile(r"^FAIL: (\w+)")
 EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*)$")
 
 
@@ -36,10 +39,26 @@ def refused(rule, detail=""):
     return f"error: sandbox: {rule}" + (f" ({detail})" if detail else "")
 
 
+def progress_point(line):
+    """(step, progress 0..1, loss, tok/s or None) from a train.py progress line, else None (also
+    for a loss that is not a number)."""
+    m = PROGRESS.match(line)
+    if not m:
+        return None
+    try:
+        loss = float(m.group(3))
+    except ValueError:
+        return None
+    if not math.isfinite(loss):
+        return None
+    tok_s = float(m.group(4).replace(",", "")) if m.group(4) else None
+    return int(m.group(1)), float(m.group(2)), loss, tok_s
+
+
 def progress_of(line):
     """(step, progress 0..1, loss) from a train.py progress line, else None."""
-    m = _PROGRESS.match(line)
-    return (int(m.group(1)), float(m.group(2)), float(m.group(3))) if m else None
+    point = progress_point(line)
+    return point[:3] if point else None
 
 
 def parse_summary(lines):
