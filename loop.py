@@ -73,12 +73,13 @@ def add_recheck_arguments(ap):
 
 
 def add_dashboard_arguments(ap):
-    ap.add_argument("--results", default="results.tsv", help="the study beside it (results.journal)")
+    ap.add_argument("--results", default="results.tsv",
+                    help="show the study beside it (results.journal)")
     ap.add_argument("--storage", help="the study's storage instead: a URL or a journal file")
     ap.add_argument("--study", default="autoresearch", help="the study's name in the storage")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
                     "0.0.0.0 shows it to other machines)")
-    ap.add_argument("--port", type=int, default=8080, help="default 8080")
+    ap.add_argument("--port", type=int, default=8080, help="default 8080; 0: any free port")
 
 
 def add_run_arguments(ap):
