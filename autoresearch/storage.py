@@ -345,7 +345,8 @@ class SharedStudy:
 
     def finish(self, number, row, value, details=None):
         """Record the results row of trial `number` and close it: COMPLETE with `value`, PRUNED
-        for a run stopped early (row status pruned), or FAIL when value is None or not finite
+        for a run stopped early (row status pruned; its value the last point of its curve, as
+        Optuna's own tell() does, so optuna-dashboard draws that curve), or FAIL when value is None or not finite
         (a crash). `details` ({name: JSON-able}) become
         user attributes beside the row. Safe to call again after an error.
         If another worker already failed the trial as lost (this worker was cut off from the
@@ -356,6 +357,10 @@ class SharedStudy:
             TrialState.PRUNED if row.get("status") == "pruned" else TrialState.FAIL
         values = [float(value)] if ok else None
         trial_id = self._trial_id(number)
+        if state == TrialState.PRUNED:  # as Optuna's tell(): the last point of its curve
+            points = self._call("reading a trial", self.storage.get_trial,
+                                trial_id).intermediate_values
+            values = [points[max(points)]] if points else None
 
         details = _plain(details or {}, "details")
 

@@ -68,8 +68,9 @@ def test_every_run_is_a_trial_with_its_curve_and_details(work):
             above = min((pl for pl in logged if pl[0] >= step / 100 - 1e-9), default=None)
             assert below and above and min(below[1], above[1]) - 1e-9 <= value \
                 <= max(below[1], above[1]) + 1e-9, (step, value, below, above)
-        if row.status == "pruned":  # nothing after the stop
+        if row.status == "pruned":  # nothing after the stop; its value its curve's last point
             assert steps[-1] <= int(row.error.split("%")[0].split()[-1]) + 2, (steps, row.error)
+            assert t.value == t.intermediate_values[steps[-1]]
         else:
             assert steps[-1] == 100 and t.intermediate_values[100] == pytest.approx(logged[-1][1])
         # what a person opens: the verdict, the log's tail, the change against the baseline
