@@ -1,6 +1,7 @@
 """The record's cost per run and its durability under kill -9 (issue 19), on each backend.
 
     python bench/record.py [--runs 300] [--kills 30] [--backends journal,sqlite,postgres]
+                           [--visible 3]
 
 cost: what one worker's record does per run, as the loop does it: reserve a trial, report its
 curve (50 points, one per 2% of the budget: train.py's progress lines), finish it with its row
@@ -14,6 +15,10 @@ started, --kills times. A run is lost when a worker said it was finished and the
 results.tsv) does not hold it. Each restart must also open the study, and results.tsv must
 parse, after every kill. PostgreSQL runs a throwaway server (tests/conftest.py's), skipped
 where its binaries are missing.
+
+visible: from `loop.py` started (smoke profile, the real train.py, 10 s budget) to its first
+trial on the dashboard: `loop.py dashboard`'s server (autoresearch/dashboard.py) started as
+soon as the study exists, and its API asked every 0.1 s until the study lists a trial.
 """
 import argparse
 import fcntl
@@ -144,11 +149,67 @@ def kill(locations, kills, work, seed=0):
               f"{failed_opens} |")
 
 
+def visible(times, work):
+    import json
+    import urllib.request
+
+    import prepare
+    from autoresearch import dashboard
+    from autoresearch.storage import study_location
+    cache = os.path.join(work, "cache")
+    with open(os.devnull, "w") as quiet:
+        streams, sys.stdout, sys.stderr = (sys.stdout, sys.stderr), quiet, quiet
+        try:
+            prepare.main(["--profile", "smoke", "--synthetic-docs", "1500", "--cache-dir", cache])
+        finally:
+            sys.stdout, sys.stderr = streams
+    data = os.path.join(cache, "prepared", open(os.path.join(cache, "current")).read().strip())
+    print(f"\nfrom `loop.py` started to its first trial on the dashboard ({times} times)")
+    print("| try | study file exists, s | dashboard up, s | first trial listed, s | its state |")
+    print("|---|---|---|---|---|")
+    for k in range(times):
+        run = os.path.join(work, f"visible{k}")
+        os.makedirs(run)
+        for name in ("train.py", "search_space.yaml"):
+            shutil.copy(os.path.join(ROOT, name), run)
+        location = study_location(os.path.join(run, "results.tsv"))
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "loop.py"), "--trials", "1",
+                                 "--budget", "10"], cwd=run, env=os.environ | {
+                                     "AUTORESEARCH_DATA": data},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        view = exists = up = None
+        try:
+            while view is None:
+                if exists is None and os.path.exists(location):
+                    exists = time.perf_counter() - t0
+                try:
+                    view = dashboard.start(location, port=0)
+                except dashboard.DashboardError:
+                    time.sleep(0.1)
+            up = time.perf_counter() - t0
+            while True:
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{view.port}/api/studies/0?after=0") as r:
+                    trials = json.load(r)["trials"]
+                if trials:
+                    listed = time.perf_counter() - t0
+                    break
+                time.sleep(0.1)
+            print(f"| {k + 1} | {exists or up:.1f} | {up:.1f} | {listed:.1f} | "
+                  f"{trials[0]['state']} |")
+        finally:
+            if view is not None:
+                view.stop()
+            proc.wait(timeout=300)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--kills", type=int, default=30)
     ap.add_argument("--backends", default="journal,sqlite,postgres")
+    ap.add_argument("--visible", type=int, default=3, help="times to measure start to visible")
     ap.add_argument("--worker", nargs=2, metavar=("RESULTS", "LOCATION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -180,6 +241,8 @@ def main():
         print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1 and 5 min)")
         cost(locations, args.runs, work)
         kill(locations, args.kills, work)
+        if args.visible:
+            visible(args.visible, work)
     finally:
         if server is not None:
             server.close()
