@@ -139,6 +139,9 @@ def add_judge_arguments(judge):
                        "incumbent's at the same progress by more than the noise there allows "
                        "(row status pruned); median, wilcoxon: Optuna's pruner of that name "
                        f"decides instead, over the study's curves (default {Settings.prune})")
+    judge.add_argument("--prune-sigmas", type=float, default=Settings.prune_sigmas,
+                       help="--prune on: how many times the noise at that progress a run must "
+                       f"trail the incumbent by to be stopped (default {Settings.prune_sigmas})")
     judge.add_argument("--audit", type=float, default=Settings.audit,
                        help="share of runs the stopping rule would stop that run to the end "
                        "anyway, so `report` measures its false-prune rate (default "
@@ -206,6 +209,7 @@ def settings_of(args):
                     confidence=args.confidence, min_delta=args.min_delta, drop=args.drop,
                     first_confidence=args.first_confidence or None,
                     incumbent_rule=args.incumbent_rule, prune=args.prune, audit=args.audit,
+                    prune_sigmas=args.prune_sigmas,
                     git=args.git, tag=args.tag, time_budget=args.budget, grace=args.grace,
                     storage=args.storage, study=args.study, worker_slot=args.worker_slot,
                     sandbox=args.sandbox, dry_run=args.dry_run,

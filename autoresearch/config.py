@@ -80,7 +80,7 @@ class Settings:
     run_fn: Callable = None        # runs one trial (default runner.run_trial); benchmarks swap it
     prune: str = "on"              # on | off: stop runs whose curve trails the incumbent's
     prune_start: float = 0.1       # earliest progress a run may be stopped at
-    prune_sigmas: float = 2.5      # how far behind (in the noise at that progress) it must be
+    prune_sigmas: float = 1.5      # how far behind (in the noise at that progress) it must be
     audit: float = 0.1             # share of would-be-stopped runs let finish, to check the rule
     prune_reruns: bool = False     # also stop a race's re-runs (not only a challenger's first run)
     first_confidence: float = None  # noise judge: keep on one run this far ahead (None: never)

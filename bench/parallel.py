@@ -1,7 +1,7 @@
 """Parallel workers: what sharing one study costs per trial, against workers.
 
     python bench/parallel.py [--workers 1,2,4,8,16,32] [--seconds 2] [--trials 5]
-                             [--scale 64,128,256] [--backends sqlite,postgres]
+                             [--scale 64,128,256] [--backends journal,sqlite,postgres]
     python bench/parallel.py --loop [--workers 1,2,4,8,16] [--seconds 10] [--trials 4]
 
 --loop: the whole loop. Each worker is a real `loop.py --storage URL` process in its own
@@ -80,6 +80,16 @@ def run_workers(url, workers, trials, seconds, threads=1, results=None):
     assert len(finished) == workers * trials, (len(finished), workers * trials)
     assert len({e["number"] for e in finished}) == len(finished), "a trial number twice"
     return wall, finished
+
+
+def location(backend, work, server, name):
+    """A new study's place: the journal file (the loop's default), SQLite, or a PostgreSQL
+    database of its own."""
+    if backend == "journal":
+        return os.path.join(work, "study.journal")
+    if backend == "sqlite":
+        return f"sqlite:///{work}/study.db"
+    return server.create_database(f"{name}_{int(time.time() * 1000)}")
 
 
 def report(backend, workers, trials, seconds, wall, finished):
@@ -195,7 +205,7 @@ def main():
     ap.add_argument("--workers", default="1,2,4,8,16,32")
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--backends", default="sqlite,postgres")
+    ap.add_argument("--backends", default="journal,sqlite,postgres")
     ap.add_argument("--scale", default="64,128,256", help="simulated workers ('' to skip)")
     ap.add_argument("--scale-seconds", type=float, default=1.0)
     ap.add_argument("--view-sizes", default="100,1000,3000", help="'' to skip")
@@ -222,8 +232,7 @@ def main():
             for backend in backends:
                 for workers in [int(w) for w in args.workers.split(",")]:
                     work = tempfile.mkdtemp(prefix="bench-par-")
-                    url = (f"sqlite:///{work}/study.db" if backend == "sqlite"
-                           else server.create_database(f"l{workers}_{int(time.time() * 1000)}"))
+                    url = location(backend, work, server, f"l{workers}")
                     spans = loop_workers(url, workers, args.trials, args.seconds, data_dir)
                     loop_report(backend, workers, args.trials, args.seconds, spans)
         finally:
@@ -236,8 +245,7 @@ def main():
         for backend in backends if args.workers else []:
             for workers in [int(w) for w in args.workers.split(",")]:
                 work = tempfile.mkdtemp(prefix="bench-par-")
-                url = (f"sqlite:///{work}/study.db" if backend == "sqlite"
-                       else server.create_database(f"w{workers}_{int(time.time() * 1000)}"))
+                url = location(backend, work, server, f"w{workers}")
                 wall, finished = run_workers(url, workers, args.trials, args.seconds,
                                              results=os.path.join(work, "results.tsv"))
                 report(backend, workers, args.trials, args.seconds, wall, finished)
@@ -252,9 +260,7 @@ def main():
         if args.view_sizes:
             sizes = [int(s) for s in args.view_sizes.split(",")]
             for backend in backends:
-                url = (f"sqlite:///{tempfile.mkdtemp(prefix='bench-view-')}/study.db"
-                       if backend == "sqlite" else server.create_database(
-                           f"view_{int(time.time() * 1000)}"))
+                url = location(backend, tempfile.mkdtemp(prefix="bench-view-"), server, "view")
                 view_cost(url, sizes)
     finally:
         if server:

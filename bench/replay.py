@@ -59,7 +59,7 @@ TABLE = os.path.join(ROOT, "bench", "replay", "cpu-20s.jsonl")
 TODAY = dict(judge="noise", confidence=0.95, drop=0.0, baseline_runs=3, incumbent_rule="race",
              prune="off")                      # the noise judge before the replay
 CONFIRM = dict(judge="noise", confidence=0.9, drop=0.5, baseline_runs=2, incumbent_rule="close")
-PRUNE = dict(prune="on", prune_start=0.1, prune_sigmas=2.5)
+PRUNE = dict(prune="on", prune_start=0.1, prune_sigmas=Settings.prune_sigmas)  # 2.5 before 1.5
 VARIANTS = {
     "threshold": dict(judge="threshold", baseline_runs=1, prune="off"),  # Karpathy's rule
     "threshold+prune": dict(judge="threshold", baseline_runs=2, **PRUNE),  # (noise at p: 2 runs)
