@@ -10,7 +10,9 @@ the missing columns are filled in from the rows (the config from each run's own 
 runs/ still has it). Such a file, or any results.tsv from before the study, is imported into a
 new study on the first start and then rewritten as its view.
 """
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
@@ -48,6 +50,19 @@ def write_atomic(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def directory_lock(directory):
+    """An exclusive lock (flock) on a results directory: the processes of one machine that
+    rewrite its results.tsv, or import one into a new study, take turns."""
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def now_iso():

@@ -10,16 +10,15 @@ budget, value = the smoothed train loss), and a finished trial carries what a pe
 first (its verdict, its log's tail, its train.py diff) as user attributes: optuna-dashboard
 shows both. autoresearch/storage.py holds the study itself.
 """
-import fcntl
 import math
 import os
 import shutil
 
 from autoresearch import curves, history
 from autoresearch import ledger as ledger_mod
+from autoresearch.protocol import progress_of
 
 REPORT_STEP = 2  # percent of the budget between two points of a curve in the study
-
 
 
 def optuna_distributions(space):
@@ -57,7 +56,7 @@ class Record:
         self.path = self.ledger.path
         self.results_dir = os.path.dirname(self.path)
         self.timeout, self.distributions = timeout, distributions
-        self._reported = {}  # trial -> its last progress line's (progress, loss)
+        self._reported = {}  # trial -> the CurveGrid of its running curve
 
     def import_results(self):
         """Seed a new, empty study with the rows of an existing results.tsv (20 or 24 columns),
@@ -70,7 +69,7 @@ class Record:
         if self.dry:
             rows = self.ledger.rows()
             return self.study.import_rows(rows) if rows else 0
-        with _locked(self.results_dir):
+        with ledger_mod.directory_lock(self.results_dir):
             if self.study.has_trials():
                 return 0
             rows = self.ledger.rows()
@@ -83,14 +82,16 @@ class Record:
                                                  for r in rows if r.get("log")})
 
     def _curve_points(self, row):
-        """{percent: smoothed loss} of an old run's log, where runs/ still has it."""
+        """{step: smoothed loss} of an old run's log on CurveGrid's steps, where runs/ still
+        has it."""
         log_path = os.path.join(self.results_dir, row["log"])
         try:
             with open(log_path, errors="replace") as f:
                 points, _ = curves.parse_progress(f.read())
         except OSError:
             return {}
-        return {round(100 * progress): loss for _, progress, loss, _ in points}
+        grid = CurveGrid()
+        return dict(p for _, progress, loss, _ in points for p in grid.add(progress, loss))
 
     def recorded(self):
         return self.study.claim() or self.ledger.recorded()
@@ -125,23 +126,10 @@ class Record:
                                   distributions=self.distributions)
 
     def report(self, trial, progress, loss):
-        """A progress line of a running trial: its curve goes into the study at every REPORT_STEP
-        percent of the budget, the smoothed loss interpolated there between the lines around
-        it, so every run's curve has the same steps (the dashboard draws them one over the
-        other; Optuna's pruners compare runs step by step). An OOM retry starts again from 0
-        and writes over its points."""
-        last = self._reported.get(trial)
-        if last is not None and progress < last[0]:
-            last = None  # a new attempt
-        self._reported[trial] = (progress, loss)
-        before = (0.0, loss) if last is None else last
-        start = math.floor(100 * before[0] / REPORT_STEP) * REPORT_STEP + REPORT_STEP
-        if last is None and progress * 100 >= REPORT_STEP:
-            start = math.ceil(100 * progress / REPORT_STEP) * REPORT_STEP  # nothing to go from
-        for step in range(start, math.floor(100 * progress + 1e-9) + 1, REPORT_STEP):
-            p0, v0 = before
-            at = step / 100
-            value = loss if progress == p0 else v0 + (loss - v0) * (at - p0) / (progress - p0)
+        """A progress line of a running trial: its curve goes into the study on the steps of
+        CurveGrid (every REPORT_STEP percent of the budget)."""
+        grid = self._reported.setdefault(trial, CurveGrid())
+        for step, value in grid.add(progress, loss):
             self.study.report(trial, step, value)
 
     def finish(self, trial, row, details=None):
@@ -168,27 +156,40 @@ class Record:
         self.study.close()
 
 
+class CurveGrid:
+    """A curve on fixed steps: step = percent of the budget, every REPORT_STEP, the smoothed loss
+    interpolated there between the progress lines around it. Every run's curve then has the
+    same steps (the dashboard draws them one over the other; Optuna's pruners compare runs step
+    by step). Lines come one at a time, as a run prints them; an OOM retry starts again from 0
+    and its points take the place of the first attempt's."""
+
+    def __init__(self):
+        self.last = None  # the last line's (progress, loss)
+
+    def add(self, progress, loss):
+        """The (step, value) points that this line completes."""
+        last = self.last if self.last is not None and progress >= self.last[0] else None
+        self.last = (progress, loss)
+        if last is None:  # nothing to go from: the first step at or after this line
+            first = math.ceil(100 * progress / REPORT_STEP - 1e-9) * REPORT_STEP
+            first = max(first, REPORT_STEP)
+            p0, v0 = progress, loss
+        else:
+            first = math.floor(100 * last[0] / REPORT_STEP + 1e-9) * REPORT_STEP + REPORT_STEP
+            p0, v0 = last
+        out = []
+        for step in range(first, math.floor(100 * progress + 1e-9) + 1, REPORT_STEP):
+            at = step / 100
+            out.append((step, loss if progress == p0 else v0 + (loss - v0) * (at - p0) /
+                        (progress - p0)))
+        return out
+
+
 def reporter(record, trial):
     """A per-line callback that reports a running trial's progress lines to the record."""
-    from autoresearch.protocol import progress_of
-
     def report(line):
         point = progress_of(line)
         if point is not None:
             record.report(trial, point[1], point[2])
     return report
 
-
-class _locked:
-    """An exclusive lock on a directory (flock), for one-time work by one of many processes."""
-
-    def __init__(self, directory):
-        os.makedirs(directory, exist_ok=True)
-        self.fd = os.open(directory, os.O_RDONLY)
-
-    def __enter__(self):
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)

@@ -1,6 +1,7 @@
 """Stopping hopeless runs: the curves of finished runs (read once, through trialdir) and the watch
-(judge.EarlyStop, or an Optuna pruner: pruner.py) over a challenger's run. A part of the Driver (driver.py), which holds the state
-it reads: stopper, runs, configs, incumbent, budget, results_dir.
+(judge.EarlyStop, or an Optuna pruner: pruner.py) over a challenger's run. A part of the Driver
+(driver.py), which holds the state it reads: stopper, pruner, record, runs, configs, incumbent,
+budget, results_dir.
 """
 import random
 

@@ -19,7 +19,6 @@ schema that optuna-dashboard reads. This module adds what the loop needs on top:
 """
 import copy
 import datetime
-import fcntl
 import json
 import logging
 import math
@@ -544,9 +543,7 @@ class SharedStudy:
         # Workers of one machine sync the same file one at a time. Another may have written rows
         # that finished after our read: keep its lines, so the view never goes back, rather than
         # read the study again while every other worker waits for the lock.
-        lock = os.open(os.path.dirname(path), os.O_RDONLY)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with ledger.directory_lock(os.path.dirname(path)):
             header, old = _lines_in(path)
             lines, newer = self._lines_of(view, old)
             last = max(self.numbers_seen, default=-1)
@@ -570,10 +567,7 @@ class SharedStudy:
             merged = lines | newer
             text = "\t".join(COLUMNS) + "\n" + "".join(merged[t] for t in sorted(merged, key=int))
             ledger.write_atomic(path, text)
-        finally:
-            os.close(lock)
         return [row for _, row in view]
-
 
     def _lines_of(self, view, old):
         """Our rows as lines by trial number, and the file's lines of trials we have no row for."""

@@ -109,7 +109,10 @@ def test_an_older_results_tsv_is_imported_keeping_its_trial_numbers(work):
     pd.testing.assert_frame_equal(df.iloc[:3].reset_index(drop=True),
                                   old[old.trial != 2].reset_index(drop=True))
     trials = {t.number: t for t in study_trials()}
-    assert trials[3].intermediate_values  # the curve of an imported run, read from its log
+    # the curve of an imported run, read from its log onto the steps live runs report
+    assert trials[3].intermediate_values and all(
+        s % 2 == 0 for s in trials[3].intermediate_values)
+    assert trials[3].intermediate_values.keys() == trials[4].intermediate_values.keys()
     assert trials[2].state == TrialState.FAIL and "withdrawn" in trials[2].user_attrs
 
 
