@@ -1027,43 +1027,9 @@ def prepare(profile, source, root, vocab_size=None, seed=1337, tokenizer_chars=2
     build = tempfile.mkdtemp(prefix=f".build-{name}-", dir=prepared_root)
     try:
         t0 = time.time()
-        log(f"training a {vocab_size}-token BPE tokenizer on the train split...")
-
-        def capped_train_text():
-            total = 0
-            for doc in source.documents("train"):
-                doc = doc[:TOKENIZER_DOC_CHARS]
-                total += len(doc)
-                yield doc
-                if total >= tokenizer_chars:
-                    return
-
-        enc = train_tokenizer(capped_train_text(), vocab_size)
-        if enc.n_vocab != vocab_size:
-            raise PrepareError(f"the train split is too small to learn {vocab_size} tokens "
-                               f"(got {enc.n_vocab}); use a smaller --vocab-size or more data")
-        save_tokenizer(enc, build)
-        log(f"tokenizer trained in {time.time() - t0:.1f}s")
-
-        stats = {}
-        for split in ("train", "val"):
-            shuffle_seed = seed + (split == "val") if source.shuffle else None
-            stats[split] = write_split(source.documents(split), enc, build, split, shuffle_seed)
-            if stats[split]["docs"] < 2:
-                raise PrepareError(
-                    f"the {split} split has {stats[split]['docs']} document(s): too few to train "
-                    f"and evaluate; give the source more documents (or another --val-fraction)")
-        val = TokenSplit(build, "val", vocab_size)
-        check_round_trip(enc, [enc.decode(val.doc(i)[1:].tolist()) for i in range(min(20, len(val)))])
-
-        # How much of the val split the fixed evaluation reads (it cycles if the split is small).
-        packer = BestFitPacker(val.lengths, profile.max_seq_len + 1)
-        for _ in range(eval_rows(profile)):
-            packer.next_row()
-        if packer.fetched > len(val):
-            log(f"note: the val split ({len(val)} documents) is smaller than one evaluation pass "
-                f"needs ({packer.fetched} fetched); evaluation reuses documents")
-
+        enc = _build_tokenizer(source, vocab_size, tokenizer_chars, build, log)
+        stats, val = _write_splits(source, enc, build, seed, vocab_size)
+        packer = _evaluation_coverage(val, profile, log)
         floor = None
         if source.process is not None:
             floor = synthetic_floor(source.process, val, enc, profile)
@@ -1094,6 +1060,56 @@ def prepare(profile, source, root, vocab_size=None, seed=1337, tokenizer_chars=2
     _set_current(root, name)
     log(f"prepared {final} in {time.time() - t0:.1f}s")
     return final
+
+
+def _build_tokenizer(source, vocab_size, tokenizer_chars, build, log):
+    """A BPE tokenizer trained on (a capped share of) the train split, saved into build."""
+    t0 = time.time()
+    log(f"training a {vocab_size}-token BPE tokenizer on the train split...")
+
+    def capped_train_text():
+        total = 0
+        for doc in source.documents("train"):
+            doc = doc[:TOKENIZER_DOC_CHARS]
+            total += len(doc)
+            yield doc
+            if total >= tokenizer_chars:
+                return
+
+    enc = train_tokenizer(capped_train_text(), vocab_size)
+    if enc.n_vocab != vocab_size:
+        raise PrepareError(f"the train split is too small to learn {vocab_size} tokens "
+                           f"(got {enc.n_vocab}); use a smaller --vocab-size or more data")
+    save_tokenizer(enc, build)
+    log(f"tokenizer trained in {time.time() - t0:.1f}s")
+    return enc
+
+
+def _write_splits(source, enc, build, seed, vocab_size):
+    """Both splits tokenized into build; returns ({split: stats}, the val TokenSplit)."""
+    stats = {}
+    for split in ("train", "val"):
+        shuffle_seed = seed + (split == "val") if source.shuffle else None
+        stats[split] = write_split(source.documents(split), enc, build, split, shuffle_seed)
+        if stats[split]["docs"] < 2:
+            raise PrepareError(
+                f"the {split} split has {stats[split]['docs']} document(s): too few to train "
+                f"and evaluate; give the source more documents (or another --val-fraction)")
+    val = TokenSplit(build, "val", vocab_size)
+    check_round_trip(enc, [enc.decode(val.doc(i)[1:].tolist()) for i in range(min(20, len(val)))])
+    return stats, val
+
+
+def _evaluation_coverage(val, profile, log):
+    """How much of the val split the fixed evaluation reads (it cycles if the split is small):
+    the packer after one evaluation pass."""
+    packer = BestFitPacker(val.lengths, profile.max_seq_len + 1)
+    for _ in range(eval_rows(profile)):
+        packer.next_row()
+    if packer.fetched > len(val):
+        log(f"note: the val split ({len(val)} documents) is smaller than one evaluation pass "
+            f"needs ({packer.fetched} fetched); evaluation reuses documents")
+    return packer
 
 
 def _set_current(root, name):

@@ -114,38 +114,10 @@ class Chat:
         a loose schema can otherwise write until its context is full). Raises BudgetSpent
         before sending once the caps are reached, and the openai errors that no format change
         fixes (timeouts, 5xx after the client's retries)."""
-        import openai
         if self.calls >= self.max_calls or self.tokens >= self.max_tokens:
             raise BudgetSpent(f"budget spent ({self.calls} calls, {self.tokens} tokens)")
         t0 = time.monotonic()
-        level = self.level
-        while True:
-            fmt = FORMATS[level]
-            if schema is None and "schema" in fmt:
-                level += 1
-                continue
-            kwargs = dict(model=self.model, messages=messages, temperature=self.temperature)
-            if answer_tokens:
-                kwargs["max_tokens"] = answer_tokens
-            if response_format(fmt, schema):
-                kwargs["response_format"] = response_format(fmt, schema)
-            # A format not yet known to work is tried without the client's retries, so that a
-            # refusal (llama-cpp-python's is a 500) is not re-sent with backoff first.
-            client = self.client if fmt == self.format or fmt == "text" \
-                else self.client.with_options(max_retries=0)
-            try:
-                resp = client.chat.completions.create(**kwargs)
-            except (openai.APIStatusError, openai.APIConnectionError) as e:
-                if fmt != "text" and isinstance(e, openai.APIStatusError) and is_format_refusal(e):
-                    self.refusals.append((fmt, e.status_code, " ".join(_message(e).split())[:200]))
-                    level = self.level = level + 1
-                    continue  # the same request, in the next format, at once
-                retries = getattr(self.client, "max_retries", 0)
-                if client is self.client or not retries or not _retryable(e):
-                    raise
-                # Not a refusal: what is left of the client's retries, as if it had retried.
-                resp = self.client.with_options(max_retries=retries - 1).chat.completions.create(**kwargs)
-            break
+        resp, fmt = self._send(messages, schema, answer_tokens)
         seconds = time.monotonic() - t0
         if fmt != self.format:
             refused = ", ".join(f"{f} (HTTP {s})" for f, s, _ in self.refusals)
@@ -162,6 +134,39 @@ class Chat:
         return Reply(text=(choice.message.content or "") if choice else "", prompt_tokens=prompt,
                      completion_tokens=completion, seconds=seconds, format=fmt,
                      finish_reason=(choice.finish_reason or "") if choice else "")
+
+    def _send(self, messages, schema, answer_tokens):
+        """(the response, the format it was asked in): the strongest format the endpoint has
+        not refused, stepping down a level on each refusal."""
+        import openai
+        level = self.level
+        while True:
+            fmt = FORMATS[level]
+            if schema is None and "schema" in fmt:
+                level += 1
+                continue
+            kwargs = dict(model=self.model, messages=messages, temperature=self.temperature)
+            if answer_tokens:
+                kwargs["max_tokens"] = answer_tokens
+            if response_format(fmt, schema):
+                kwargs["response_format"] = response_format(fmt, schema)
+            # A format not yet known to work is tried without the client's retries, so that a
+            # refusal (llama-cpp-python's is a 500) is not re-sent with backoff first.
+            client = self.client if fmt == self.format or fmt == "text" \
+                else self.client.with_options(max_retries=0)
+            try:
+                return client.chat.completions.create(**kwargs), fmt
+            except (openai.APIStatusError, openai.APIConnectionError) as e:
+                if fmt != "text" and isinstance(e, openai.APIStatusError) and is_format_refusal(e):
+                    self.refusals.append((fmt, e.status_code, " ".join(_message(e).split())[:200]))
+                    level = self.level = level + 1
+                    continue  # the same request, in the next format, at once
+                retries = getattr(self.client, "max_retries", 0)
+                if client is self.client or not retries or not _retryable(e):
+                    raise
+                # Not a refusal: what is left of the client's retries, as if it had retried.
+                return self.client.with_options(max_retries=retries - 1).chat.completions.create(
+                    **kwargs), fmt
 
 
 def proposal_schema(space, rationale_chars=160):
