@@ -306,8 +306,9 @@ def run_main(args, argv):
                 print(f"{cand.description}")
             return 0
         print(f"profile {driver.profile.name} | data {driver.data.meta['name']} | strategy "
-              f"{args.strategy} | judge {driver.judge.describe()} | budget {driver.budget:g}s "
-              f"(limit {driver.time_limit:g}s) | {len(driver.rows)} run(s) in {args.results}",
+              f"{args.strategy} | judge {driver.judge.describe()} | stopping "
+              f"{driver.stopping.describe()} | budget {driver.budget:g}s "
+              f"(limit {driver.execution.time_limit:g}s) | {len(driver.rows)} run(s) in {args.results}",
               flush=True)
         driver.run(trials=args.trials, hours=args.hours, progress=args.worker_slot is None)
     except USER_ERRORS as e:

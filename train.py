@@ -43,7 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 from prepare import PrepareError, load_prepared  # noqa: E402
 
 # ---------------------------------------------------------------------------
-# Constants: what the loop searches. One literal per line; None takes the profile's default.
+# Constants: what the loop searches. One literal per line; None takes the profile's default,
+# and the loop writes those values in when it starts, so this block shows the recipe that runs.
 # ---------------------------------------------------------------------------
 
 ASPECT_RATIO = None       # model width = DEPTH * ASPECT_RATIO, rounded up to whole heads

@@ -3,13 +3,16 @@
     driver = Driver(Settings(strategy="greedy"))
     driver.run(trials=10)          # or one run at a time: row = driver.step()
 
-Driver is the front; each job has its own module, and Driver wires them over one shared state
-(the record, the runs and configs read from it, the incumbent, the noise):
+Driver is the front and the factory: it wires one object per job over the standing of the
+results (history.Standing: the runs and configs read from the record, the incumbent, the noise),
+which it reads afresh after every change and hands to whoever decides:
     schedule.py     what runs next (baseline SEEDs, races, incumbent re-runs, new candidates)
     candidates.py   a valid new candidate (novelty, constraints, memory fit), the proposer told
     workspace.py    train.py as the incumbent (read, restore, keep, commit)
     execute.py      one job's run (sandbox, OOM retry, code-mode contract)
+    judge.py        every verdict (Judge.decide) and the noise floor
     stopping.py     the curves of finished runs, the early-stop watch over a challenger
+    record.py       the study every run is a trial of; results.tsv its view
     trialdir.py     runs/<trial>/;  progress.py the bar and trial lines;  recheck.py
 `tell()` asks the judge for a verdict, moves the ratchet (train.py always holds the incumbent)
 and writes the row. loop.py and the notebook both drive this class.
@@ -22,22 +25,21 @@ import prepare
 from autoresearch import history, trialdir
 from autoresearch import ledger as ledger_mod
 from autoresearch import recheck as recheck_mod
-from autoresearch.candidates import DECIDED, Candidates
-from autoresearch.config import TIME_BUDGET_ENV, Settings, time_budget
+from autoresearch.candidates import Candidates
+from autoresearch.config import Settings, time_budget
 from autoresearch.errors import LoopError
 from autoresearch.execute import Execution
-from autoresearch.judge import EarlyStop, make_judge
-from autoresearch.patch import patch_constants, read_constants
+from autoresearch.judge import make_judge, noise_floor
+from autoresearch.patch import read_constants
 from autoresearch.progress import Progress, trial_line
 from autoresearch.proposers import LLM_STRATEGIES, make_proposer
-from autoresearch.pruner import OPTUNA_PRUNERS, optuna_pruner
 from autoresearch.ratchet import GitRatchet, RatchetError
 from autoresearch.record import Record, optuna_distributions, reporter
-from autoresearch.runner import Outcome, run_trial
+from autoresearch.runner import Outcome
 from autoresearch.schedule import Job, Schedule
 from autoresearch.space import load_space
 from autoresearch.stopping import Stopping, watched
-from autoresearch.workspace import Workspace
+from autoresearch.workspace import Workspace, constraint_context
 
 
 __all__ = ["Driver", "Job", "LoopError", "Settings", "default_worker"]  # (the last three: moved)
@@ -56,7 +58,7 @@ def default_worker(slot=None):
     return f"{socket.gethostname()}/{device}"
 
 
-class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
+class Driver:
     def __init__(self, settings, log=print):
         self.s = settings
         self.log = log
@@ -73,30 +75,38 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
             raise LoopError("--baseline-runs must be at least 1")
         self.code_mode = self.proposer.edits_code
         self._bind_budget(settings.time_budget or time_budget())
-        self.run_fn = settings.run_fn or run_trial
         self.worker = settings.worker or default_worker(settings.worker_slot)
         try:
-            self.ratchet = GitRatchet(self.train_path, settings.tag, log) if settings.git else None
+            ratchet = GitRatchet(self.train_path, settings.tag, log) if settings.git else None
         except RatchetError as e:
             raise LoopError(str(e)) from None
-        self.pending = {}  # config id -> the proposer's candidate, while its race runs
-        self._curves = {}  # trial -> curves.Curve of a finished run, read once
-        self._sandbox = None  # chosen (and announced) when the first trial runs
-        self.reload()
-        self.base_seed = self._base_seed(seed)
-        self._restore_incumbent()
-        self.proposer.warm_start(self.proposal_context())
-        # configs the proposer knows the verdict of; others' verdicts are told before it proposes
-        self.told = {c.id for c in self.configs.values() if c.status in DECIDED}
+        self.workspace = Workspace(self.train_path, self.results_dir, self.profile, self.names,
+                                   self.record, self.code_mode, ratchet, log)
+        self.candidates = Candidates(settings, self.space, self.proposer, self.workspace,
+                                     self.stopping)
+        self.schedule = Schedule(settings, self.judge, self.workspace, self.candidates,
+                                 self.record, self.worker, log)
+        standing = self.reload()
+        self.schedule.start(standing, seed)
+        self.workspace.restore(self.incumbent, self.runs, self.base_seed)
+        if not settings.dry_run:
+            written = self.workspace.write_defaults()
+            if written:
+                log(f"train.py: wrote the {self.profile.name} profile's values in for "
+                    f"{len(written)} constant(s) that said None, so it shows the recipe that "
+                    f"runs ({', '.join(written)})")
+        self.candidates.start(standing)
 
     def _load_space(self):
         """The search space, checked against train.py; returns train.py's SEED."""
         settings = self.s
         try:
-            source = self.current_source()
+            with open(self.train_path) as f:
+                source = f.read()
         except FileNotFoundError:
             raise LoopError(f"no {self.train_path}") from None
-        self.space = load_space(settings.space_path, self.profile.name, self.context(source))
+        self.space = load_space(settings.space_path, self.profile.name,
+                                constraint_context(source, self.profile))
         if "SEED" in self.space.params:
             raise LoopError(f"{settings.space_path}: SEED cannot be searched: a config's re-runs "
                             f"vary SEED themselves, and a kept seed change is luck, not a recipe")
@@ -116,18 +126,10 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
                                     first_confidence=settings.first_confidence,
                                     incumbent_rule=settings.incumbent_rule,
                                     paired=settings.paired)
-            if settings.prune not in ("on", "off", *OPTUNA_PRUNERS):
-                raise ValueError(f"prune must be on or off (or one of Optuna's: "
-                                 f"{', '.join(OPTUNA_PRUNERS)}), not {settings.prune!r}")
-            if not 0 <= settings.audit < 1:
-                raise ValueError("the audit share must be at least 0 and below 1")
-            self.stopper = EarlyStop(settings.prune_start, settings.prune_sigmas) \
-                if settings.prune == "on" else None
-            self.pruner = optuna_pruner(settings.prune, settings.prune_start) \
-                if settings.prune in OPTUNA_PRUNERS else None
             llm = dict(settings.llm, log=self.log) if settings.strategy in LLM_STRATEGIES \
                 else settings.llm
             self.proposer = make_proposer(settings.strategy, self.space, settings.seed, llm)
+            self.stopping = Stopping(settings, self.results_dir)
         except ValueError as e:
             raise LoopError(str(e)) from None
 
@@ -139,11 +141,8 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
         budget = asked or self.record.recorded().get("time_budget") or self.profile.time_budget
         self.record.bind(self.profile.name, self.data.meta["name"], float(budget))
         self.budget = float(budget)
-        self.time_limit = budget + (settings.grace if settings.grace is not None
-                                    else max(60.0, 0.5 * budget))
-        self.trainer_env = dict(settings.trainer_env)
-        if self.budget != self.profile.time_budget:
-            self.trainer_env[TIME_BUDGET_ENV] = f"{self.budget:g}"
+        self.stopping.bind(self.record, self.budget)
+        self.execution = Execution(settings, self.data, self.budget, self.results_dir, self.log)
 
     def _open_record(self, budget):
         """The study every run is a trial of (record.py), seeded with an older results.tsv on
@@ -168,49 +167,71 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
     # --- what the results say -----------------------------------------------------------------
 
     def reload(self):
-        self.rows = self.record.rows()
-        self.running = self.record.running()  # other workers' jobs (a shared study)
-        self.runs = history.runs_of(self.rows, self.space)
-        self.refresh()
+        """The standing of the results, read afresh from the record (other workers' runs and
+        jobs included); returns it."""
+        # other workers' jobs are running() (a shared study)
+        self.standing = history.Standing.of(self.record.rows(), self.record.running(),
+                                            self.space, noise_floor)
+        return self.standing
 
-    def refresh(self):
-        self.configs = history.configs_of(self.runs)
-        self.incumbent = history.incumbent_of(self.runs, self.configs)
-        self.noise = history.noise_floor(self.configs)
+    # what the results say, as of the last reload
+    rows = property(lambda self: self.standing.rows)
+    running = property(lambda self: self.standing.running)
+    runs = property(lambda self: self.standing.runs)
+    configs = property(lambda self: self.standing.configs)
+    incumbent = property(lambda self: self.standing.incumbent)
+    noise = property(lambda self: self.standing.noise)
+    base_seed = property(lambda self: self.schedule.base_seed)
 
     def best(self):
         """(the incumbent's searched values, its mean val_bpb), or train.py's before any run."""
-        if self.incumbent is None:
-            return self.searched(self.current_source()), None
-        return dict(self.incumbent.params), self.incumbent.mean
+        return self.candidates.best(self.standing)
+
+    def baseline(self):
+        return self.schedule.baseline(self.standing)
+
+    def baseline_runs_left(self):
+        """How many baseline runs are still to come before the first verdict."""
+        return self.schedule.baseline_runs_left(self.standing)
+
+    def dry_run(self, n):
+        """The next n new candidates the proposer would run from the incumbent; runs nothing."""
+        return self.candidates.dry_run(n, self.standing)
 
     # --- tell ---------------------------------------------------------------------------------
 
-    def tell(self, job, trial, outcome, source, note="", started=None):
-        """Judge the run, move the ratchet, write the row; returns (row, verdict reason)."""
+    def tell(self, job, trial, outcome, source, note="", started=None, oom_retry=None):
+        """Judge the run, move the ratchet, write the row; returns (row, verdict reason).
+        oom_retry: (first, final) DEVICE_BATCH_SIZE where an OOM retry shrank it."""
         self.reload()  # other workers' runs since this one started count in its verdict
-        params = self.searched(source)
-        config = job.config if params == job.params else self.config_of(params, source)
+        ws = self.workspace
+        params = ws.searched(source)
+        config = job.config if params == job.params else ws.config_of(params, source)
+        note = "; ".join(filter(None, [history.oom_note(oom_retry), note]))
         description = f"{job.description} ({note})" if note else job.description
         row = self._row(job, trial, outcome, params, config, description, started)
+        row |= {"kind": job.kind, "oom_retry": list(oom_retry) if oom_retry else None,
+                "code": ws.fingerprint(source) if source is not None else ""}
         provisional = "discard" if outcome.ok else "pruned" if outcome.pruned else "crash"
         run = history.Run(trial, provisional,  # provisional status
                           row["val_bpb"] if outcome.ok else None, params, config, job.seed,
-                          job.strategy, job.kind, description, outcome.error, None, row)
+                          job.strategy, job.kind, description, outcome.error, oom_retry, row)
         after = history.configs_of(self.runs + [run])
         mine, inc = after[config], self.incumbent and after[self.incumbent.id]
-        status, reason = self._verdict(job, outcome, config, mine, inc, after)
+        verdict = self.judge.decide(job.purpose, outcome, mine, inc, after)
+        status, reason = verdict.status, verdict.reason
         row["status"] = status
         row["runs"] = mine.n
         row["mean_bpb"] = mine.mean if status not in ("crash", "pruned") and mine.mean is not None \
             else 0.0
-        if status == "keep" and (inc is None or config != inc.id):
-            ledger_mod.write_atomic(self.train_path, patch_constants(source, {"SEED": self.base_seed}))
-        row["commit"] = self._commit(source, status == "keep" and (inc is None or config != inc.id),
-                                     f"val_bpb {mine.mean or 0:.6f} over {mine.n} runs: {description}")
+        moved = status == "keep" and (inc is None or config != inc.id)
+        if moved:
+            ws.keep(source, self.base_seed)
+        row["commit"] = ws.commit(source, moved, f"val_bpb {mine.mean or 0:.6f} over {mine.n} "
+                                                 f"runs: {description}")
         self.record.finish(trial, row, self._details(job, trial, outcome, source, reason))
         self.reload()
-        self._tell_proposer(job, config, status)
+        self.candidates.tell(job, config, status, self.configs)
         return row, reason
 
     def _row(self, job, trial, outcome, params, config, description, started):
@@ -234,7 +255,7 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
     def _details(self, job, trial, outcome, source, reason):
         """What the study's trial carries for a person to open (optuna-dashboard shows user
         attributes): the verdict, the race, the log's tail and train.py against the baseline."""
-        details = {"verdict": reason or "", "purpose": job.purpose, "kind": job.kind,
+        details = {"verdict": reason or "", "purpose": job.purpose,
                    "log_tail": trialdir.tail(outcome.log)}
         baseline = self.baseline()
         if baseline is not None and baseline.id != job.config:
@@ -243,23 +264,6 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
             if base_source is not None and source is not None:
                 details["diff"] = trialdir.diff(base_source, source, "baseline", f"trial {trial}")
         return details
-
-    def _verdict(self, job, outcome, config, mine, inc, after):
-        """(status, reason): a crash or a stopped run as such, the incumbent's own runs keep it,
-        a recheck never moves it, and the judge decides the rest."""
-        reason = outcome.error
-        if outcome.pruned:
-            status = "pruned"
-        elif not outcome.ok:
-            status = "crash"
-        elif inc is None or config == inc.id:
-            status, reason = "keep", "the incumbent"
-        elif job.purpose == "recheck":
-            status, reason = "discard", "not the incumbent"
-        else:
-            verdict = self.judge.verdict(mine, inc, history.noise_floor(after))
-            status, reason = verdict.status, verdict.reason
-        return status, reason
 
     def close(self):
         """Stop the study's heartbeats."""
@@ -272,22 +276,21 @@ class Driver(Schedule, Candidates, Workspace, Execution, Stopping):
         return self._step(on_line)[0]
 
     def _step(self, on_line=None):
-        job, trial = self._reserve()
+        job, trial = self.schedule.reserve(self.standing, self.reload)
         started = ledger_mod.now_iso()
-        watch = self.early_stop(job, trial)
+        watch = self.stopping.watch(job, trial, self.runs, self.configs, self.incumbent)
         try:
-            outcome, source, note = self.run_job(
+            outcome, source, oom_retry = self.execution.run(
                 trial, job, watched(on_line, watch, reporter(self.record, trial)))
-            if watch is not None:
-                note = self._after_watch(outcome, watch, note)
+            note = self.stopping.after(outcome, watch) if watch is not None else ""
             if job.purpose == "new" and job.candidate is not None \
-                    and job.candidate.meta.get("llm"):  # once per proposal, not per re-run
-                self._keep_proposal(trial, job.candidate.meta)
+                    and job.candidate.cost:  # once per proposal, not per re-run
+                trialdir.write_proposal(self.results_dir, trial, job.candidate.cost)
         except BaseException:
             # never leave a reserved trial without its row (Ctrl-C outside the trainer, a bug)
             self.tell(job, trial, Outcome(False, "interrupted"), job.source, "", started)
             raise
-        row, reason = self.tell(job, trial, outcome, source, note, started)
+        row, reason = self.tell(job, trial, outcome, source, note, started, oom_retry)
         if outcome.error == "interrupted":
             raise KeyboardInterrupt
         if job.purpose == "baseline" and row["status"] == "crash" and len(self.configs) == 1 \

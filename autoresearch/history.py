@@ -6,7 +6,9 @@ config differ only in SEED and in the machine's luck; their spread is the noise 
 their mean (never a single lucky run) is what the judge compares.
 
 Rows are read into typed records here, once: the rest of the loop asks `run.kind` or
-`run.oom_retry` instead of parsing descriptions.
+`run.oom_retry` instead of parsing descriptions. The loop writes those facts as typed fields of
+the row too (ledger.STUDY_FIELDS); reading them back from the description's text is kept only
+for rows of older results files.
 """
 import hashlib
 import json
@@ -15,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from autoresearch.patch import PatchError, patch_constants
+from autoresearch.patch import PatchError, patch_constants, read_constants
 
 FINISHED = ("keep", "discard", "retest")   # statuses of runs that produced a val_bpb
 PRUNED = "pruned"                          # stopped early by the judge: rejected, no val_bpb
@@ -25,15 +27,30 @@ CODE_STRATEGY = "llm-code"                 # the strategy column of code-mode ed
 _OOM_RETRY = re.compile(r"oom retry: DEVICE_BATCH_SIZE (\d+)->(\d+)")
 
 
-def code_fingerprint(source, names):
+def code_fingerprint(source, names, defaults=None):
     """A short hash of train.py's code with the searched constants and SEED set to None: the
-    same code with other constant values has the same fingerprint."""
-    return _fingerprint(source, tuple(names))
+    same code with other constant values has the same fingerprint. A constant written as its
+    `defaults` value (the profile's) counts as None, which is how train.py spelled it before the
+    loop wrote the profile's values in: the same recipe keeps its id either way."""
+    frozen = tuple(sorted((k, _frozen(v)) for k, v in (defaults or {}).items()))
+    return _fingerprint(source, tuple(names), frozen)
+
+
+def _frozen(value):
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @lru_cache(maxsize=256)
-def _fingerprint(source, names):
+def _fingerprint(source, names, defaults):
     blank = {n: None for n in (*names, "SEED")}
+    if defaults:
+        at_default = dict(defaults)
+        try:
+            written = read_constants(source)
+        except PatchError:
+            written = {}
+        blank |= {n: None for n, v in written.items()
+                  if n in at_default and _frozen(v) == at_default[n]}
     try:
         text = patch_constants(source, blank)
     except PatchError:
@@ -77,6 +94,7 @@ class Run:
     error: str
     oom_retry: tuple | None     # (first, final) DEVICE_BATCH_SIZE when an OOM retry shrank it
     row: dict = field(repr=False)
+    code: str = ""              # the hash of its code (code_fingerprint); "" in older files
 
     @property
     def finished(self):
@@ -93,21 +111,39 @@ class Run:
         status = row.get("status", "")
         strategy = row.get("strategy", "")
         description = row.get("description", "")
-        if strategy in ("baseline", "recheck"):
-            kind = strategy
-        elif strategy == CODE_STRATEGY or description.startswith(CODE_PREFIX):
-            kind = "code"
-        else:
-            kind = "params"
         try:
             seed = int(row.get("seed"))
         except (TypeError, ValueError):
             seed = None
-        m = _OOM_RETRY.search(description)
+        if "oom_retry" in row:
+            oom = tuple(row["oom_retry"]) if row["oom_retry"] else None
+        else:
+            oom = _oom_retry_in_text(description)
         value = float(row["val_bpb"]) if status in FINISHED else None
         return cls(int(row.get("trial") or 0), status, value, params,
-                   row.get("config") or config_id(params), seed, strategy, kind, description,
-                   row.get("error", ""), (int(m.group(1)), int(m.group(2))) if m else None, row)
+                   row.get("config") or config_id(params), seed, strategy,
+                   row.get("kind") or _kind_in_text(strategy, description), description,
+                   row.get("error", ""), oom, row, row.get("code", ""))
+
+
+def oom_note(oom_retry):
+    """How an OOM retry reads in a run's description (the typed fact is the row's oom_retry)."""
+    return f"oom retry: DEVICE_BATCH_SIZE {oom_retry[0]}->{oom_retry[1]}" if oom_retry else ""
+
+
+def _oom_retry_in_text(description):
+    """An older row's OOM retry, read back from its description."""
+    m = _OOM_RETRY.search(description)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _kind_in_text(strategy, description):
+    """An older row's kind, told from its strategy and description."""
+    if strategy in ("baseline", "recheck"):
+        return strategy
+    if strategy == CODE_STRATEGY or description.startswith(CODE_PREFIX):
+        return "code"
+    return "params"
 
 
 @dataclass
@@ -195,54 +231,20 @@ def incumbent_of(runs, configs):
 
 
 @dataclass
-class Noise:
-    std: float        # pooled standard deviation of val_bpb between runs of one config
-    dof: int          # its degrees of freedom: runs minus configs
-    runs: int
-    configs: int
-    # The part of each run's luck that comes with its SEED, shared by every config run with it
-    # (a two-way fit, config + SEED, over the same runs), and the spread left without it;
-    # None until two configs share two SEEDs.
-    seed_effects: dict = None
-    paired_std: float = None
-    paired_dof: int = None
+class Standing:
+    """What the results say at one moment, read once per change and handed to whoever decides
+    on it (schedule, candidates, stopping): every row, the jobs other workers are running, the
+    typed runs, their configs, the incumbent and the noise floor (judge.Noise, or None)."""
+    rows: list
+    running: list
+    runs: list
+    configs: dict
+    incumbent: Config | None
+    noise: object = None
 
-
-def noise_floor(configs):
-    """The pooled standard deviation over every config that ran more than once, or None."""
-    repeated = [c for c in configs.values() if c.n > 1]
-    groups = [c.values for c in repeated]
-    if not groups:
-        return None
-    squares = sum(sum((v - sum(g) / len(g)) ** 2 for v in g) for g in groups)
-    dof = sum(len(g) - 1 for g in groups)
-    noise = Noise(math.sqrt(squares / dof), dof, sum(len(g) for g in groups), len(groups))
-    fit = seed_fit([c.by_seed for c in repeated])
-    if fit is not None:
-        noise.seed_effects, noise.paired_std, noise.paired_dof = fit
-    return noise
-
-
-def seed_fit(tables, sweeps=50):
-    """Fit value = config mean + SEED effect on {seed: value} tables (one per config, unbalanced:
-    each config ran some of the SEEDs) by alternating least squares. Returns (SEED -> effect,
-    centred, the residual std, its degrees of freedom: runs - configs - SEEDs + 1), or None
-    where the data cannot separate the two (no SEED shared by two configs, or no dof left)."""
-    tables = [t for t in tables if len(t) > 1]
-    seeds = sorted({s for t in tables for s in t})
-    shared = [s for s in seeds if sum(s in t for t in tables) > 1]
-    n = sum(len(t) for t in tables)
-    dof = n - len(tables) - len(seeds) + 1
-    if not shared or dof < 1:
-        return None
-    effect = dict.fromkeys(seeds, 0.0)
-    for _ in range(sweeps):
-        means = [sum(v - effect[s] for s, v in t.items()) / len(t) for t in tables]
-        for s in seeds:
-            residuals = [t[s] - m for t, m in zip(tables, means) if s in t]
-            effect[s] = sum(residuals) / len(residuals)
-        centre = sum(effect.values()) / len(effect)
-        effect = {s: e - centre for s, e in effect.items()}
-    means = [sum(v - effect[s] for s, v in t.items()) / len(t) for t in tables]
-    squares = sum((v - m - effect[s]) ** 2 for t, m in zip(tables, means) for s, v in t.items())
-    return effect, math.sqrt(squares / dof), dof
+    @classmethod
+    def of(cls, rows, running, space, noise_floor):
+        runs = runs_of(rows, space)
+        configs = configs_of(runs)
+        return cls(rows, running, runs, configs, incumbent_of(runs, configs),
+                   noise_floor(configs))

@@ -1,6 +1,12 @@
-"""Keep, discard or run again: the verdict on a challenger config after each of its runs.
+"""Every verdict of the loop, and the noise floor it weighs differences against.
 
-Two judges:
+After each run `Judge.decide` says what it means for the run's config: a crash or a stopped run
+as such, the incumbent's own runs keep it, a recheck never moves it, and the rule decides a
+challenger: keep, discard or run again. During a run `EarlyStop` decides whether it goes on.
+`noise_floor` pools the spread between repeats of one config (and the part of it that comes with
+the SEED, for paired comparisons).
+
+Two rules for a challenger:
 - `ThresholdJudge` (`--judge threshold`): Karpathy's rule. One run that beats the incumbent's
   value by more than min_delta is kept. Cheap and easily fooled by a lucky seed.
 - `NoiseJudge` (`--judge noise`, the default): racing, as SMAC's intensification does. A
@@ -23,11 +29,33 @@ SIGMA_FLOOR = 1e-6   # a perfectly repeatable trainer (a fixture) must not divid
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str      # keep | discard | retest
+    status: str      # keep | discard | retest, or crash | pruned for a run that gave no value
     reason: str
 
 
-class ThresholdJudge:
+class Judge:
+    """What both rules share: the verdicts that do not depend on the rule."""
+    name = "judge"
+    needs_noise_floor = False  # whether the incumbent re-runs until the noise is known
+
+    def decide(self, purpose, outcome, challenger, incumbent, configs):
+        """The verdict on the run just finished (`outcome`, a runner.Outcome) of config
+        `challenger`, for a job of this `purpose` (schedule.Job); `configs` count that run."""
+        if outcome.pruned:
+            return Verdict("pruned", outcome.error)
+        if not outcome.ok:
+            return Verdict("crash", outcome.error)
+        if incumbent is None or challenger.id == incumbent.id:
+            return Verdict("keep", "the incumbent")
+        if purpose == "recheck":  # measures the incumbent; it never moves it
+            return Verdict("discard", "not the incumbent")
+        return self.verdict(challenger, incumbent, noise_floor(configs))
+
+    def verdict(self, challenger, incumbent, noise):
+        raise NotImplementedError
+
+
+class ThresholdJudge(Judge):
     name = "threshold"
 
     def __init__(self, min_delta=0.0):
@@ -50,7 +78,7 @@ class ThresholdJudge:
         return f"threshold: keep one run below the incumbent - {self.min_delta:g}"
 
 
-class NoiseJudge:
+class NoiseJudge(Judge):
     """Racing with a t-test on the means (see the module's docstring). Two options make the
     confirmation cost in proportion to the stakes (BENCHMARKS.md, "Replay of real runs"):
 
@@ -62,6 +90,7 @@ class NoiseJudge:
       a single run, or the challenger's t is within one unit of the threshold.
     """
     name = "noise"
+    needs_noise_floor = True
 
     def __init__(self, confidence=0.95, max_runs=3, min_runs=2, drop=0.0, incumbent_runs=6,
                  first_confidence=None, incumbent_rule="race", paired=False):
@@ -80,7 +109,7 @@ class NoiseJudge:
 
     def test(self, challenger, incumbent, noise, confidence=None):
         """(t statistic, its threshold) for 'the challenger's mean is below the incumbent's'.
-        Paired: each run's value less its SEED's shared luck (history.seed_fit), so runs on
+        Paired: each run's value less its SEED's shared luck (seed_fit), so runs on
         the same SEEDs are compared without it, with the spread left over."""
         means = [_unlucky_mean(c, noise) for c in (incumbent, challenger)] \
             if self.paired and noise.paired_std is not None else [None]
@@ -222,6 +251,63 @@ def _unlucky_mean(config, noise):
     if len(config.by_seed) != config.n:
         return None
     return sum(v - noise.seed_effects.get(s, 0.0) for s, v in config.by_seed.items()) / config.n
+
+
+# --- the noise floor: what a verdict weighs a difference against -----------------------------
+
+
+@dataclass
+class Noise:
+    std: float        # pooled standard deviation of val_bpb between runs of one config
+    dof: int          # its degrees of freedom: runs minus configs
+    runs: int
+    configs: int
+    # The part of each run's luck that comes with its SEED, shared by every config run with it
+    # (a two-way fit, config + SEED, over the same runs), and the spread left without it;
+    # None until two configs share two SEEDs.
+    seed_effects: dict = None
+    paired_std: float = None
+    paired_dof: int = None
+
+
+def noise_floor(configs):
+    """The pooled standard deviation over every config that ran more than once, or None."""
+    repeated = [c for c in configs.values() if c.n > 1]
+    groups = [c.values for c in repeated]
+    if not groups:
+        return None
+    squares = sum(sum((v - sum(g) / len(g)) ** 2 for v in g) for g in groups)
+    dof = sum(len(g) - 1 for g in groups)
+    noise = Noise(math.sqrt(squares / dof), dof, sum(len(g) for g in groups), len(groups))
+    fit = seed_fit([c.by_seed for c in repeated])
+    if fit is not None:
+        noise.seed_effects, noise.paired_std, noise.paired_dof = fit
+    return noise
+
+
+def seed_fit(tables, sweeps=50):
+    """Fit value = config mean + SEED effect on {seed: value} tables (one per config, unbalanced:
+    each config ran some of the SEEDs) by alternating least squares. Returns (SEED -> effect,
+    centred, the residual std, its degrees of freedom: runs - configs - SEEDs + 1), or None
+    where the data cannot separate the two (no SEED shared by two configs, or no dof left)."""
+    tables = [t for t in tables if len(t) > 1]
+    seeds = sorted({s for t in tables for s in t})
+    shared = [s for s in seeds if sum(s in t for t in tables) > 1]
+    n = sum(len(t) for t in tables)
+    dof = n - len(tables) - len(seeds) + 1
+    if not shared or dof < 1:
+        return None
+    effect = dict.fromkeys(seeds, 0.0)
+    for _ in range(sweeps):
+        means = [sum(v - effect[s] for s, v in t.items()) / len(t) for t in tables]
+        for s in seeds:
+            residuals = [t[s] - m for t, m in zip(tables, means) if s in t]
+            effect[s] = sum(residuals) / len(residuals)
+        centre = sum(effect.values()) / len(effect)
+        effect = {s: e - centre for s, e in effect.items()}
+    means = [sum(v - effect[s] for s, v in t.items()) / len(t) for t in tables]
+    squares = sum((v - m - effect[s]) ** 2 for t, m in zip(tables, means) for s, v in t.items())
+    return effect, math.sqrt(squares / dof), dof
 
 
 def make_judge(name="noise", **options):

@@ -30,6 +30,11 @@ _FORMATS = {"val_bpb": "{:.6f}", "memory_gb": "{:.1f}", "training_seconds": "{:.
             "total_seconds": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
             "num_params_M": "{:.1f}", "mean_bpb": "{:.6f}"}
 HEADER = "\t".join(COLUMNS) + "\n"
+# Typed facts a row carries in the study beside the contract's columns, so nothing parses them back
+# out of text: the run's kind (baseline | params | code | recheck), its OOM retry ([first, final]
+# DEVICE_BATCH_SIZE, or None) and the hash of its code (history.code_fingerprint). results.tsv
+# shows them only through description, strategy and config; rows of older files lack them.
+STUDY_FIELDS = ("kind", "oom_retry", "code")
 
 
 class LedgerError(ValueError):
@@ -85,13 +90,15 @@ def field_text(name, value):
 
 
 def as_text(row):
-    """A row as the text fields a results.tsv line holds (what Ledger.rows gives back)."""
-    return {c: field_text(c, row.get(c)) for c in COLUMNS}
+    """A row as the text fields a results.tsv line holds (what Ledger.rows gives back), with the
+    typed STUDY_FIELDS it carries kept as they are."""
+    return {c: field_text(c, row.get(c)) for c in COLUMNS} | {
+        f: row[f] for f in STUDY_FIELDS if f in row}
 
 
 def format_row(row):
     """A row as a results.tsv line (refusing columns the contract does not have)."""
-    unknown = set(row) - set(COLUMNS)
+    unknown = set(row) - set(COLUMNS) - set(STUDY_FIELDS)
     if unknown:
         raise ValueError(f"unknown results column(s): {', '.join(sorted(unknown))}")
     return "\t".join(field_text(c, row.get(c)) for c in COLUMNS) + "\n"
@@ -161,7 +168,8 @@ def complete_legacy(rows, results_dir):
     for r in sorted(rows, key=lambda r: int(r["trial"] or 0)):
         params = json.loads(r["params"]) if r.get("params") else {}
         source = trialdir.read_source(results_dir, r.get("log"))
-        fingerprint = history.code_fingerprint(source, list(params)) if source is not None else ""
+        fingerprint = history.code_fingerprint(source, list(params), _defaults(r.get("profile"))) \
+            if source is not None else ""
         r["config"] = history.config_id(params, fingerprint)
         values = seen.setdefault(r["config"], [])
         if r["status"] in history.FINISHED:
@@ -170,3 +178,11 @@ def complete_legacy(rows, results_dir):
         r["mean_bpb"] = f"{sum(values) / len(values):.6f}" if values and r["status"] != "crash" \
             else "0.000000"
         r["worker"] = ""
+
+
+def _defaults(profile):
+    """The train.py defaults of a named profile ({} for one prepare.py does not know): the
+    loop's config ids count a constant at its default the same as None."""
+    from prepare import PROFILES  # only for files from before the config column
+    known = PROFILES.get(profile)
+    return known.train if known is not None else {}

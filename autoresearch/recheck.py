@@ -20,15 +20,15 @@ def recheck(driver, runs=3, on_line=None):
     for k in range(runs):
         for config, who in ((base, "baseline"), (inc, "incumbent")):
             config = driver.configs[config.id]
-            job = driver._rerun_job(config, "recheck")
+            job = driver.schedule.rerun_job(config, "recheck", driver.standing)
             job.description = f"recheck {k + 1}/{runs} of the {who} ({config.id})"
-            trial = driver.record.reserve(driver._job_attrs(job), driver.rows)
+            trial = driver.record.reserve(driver.schedule.job_attrs(job), driver.rows)
             if trial is None:
                 raise LoopError(f"another worker is running config {config.id}; recheck "
                                 f"when the workers have stopped")
-            outcome, source, note = driver.run_job(
+            outcome, source, oom_retry = driver.execution.run(
                 trial, job, watched(on_line, None, reporter(driver.record, trial)))
-            row, _ = driver.tell(job, trial, outcome, source, note)
+            row, _ = driver.tell(job, trial, outcome, source, oom_retry=oom_retry)
             rows.append(row)
             driver.log(driver.trial_line(row))
             if outcome.error == "interrupted":

@@ -13,6 +13,7 @@ import pandas as pd
 from scipy import stats
 
 from autoresearch import history, trialdir
+from autoresearch.judge import noise_floor
 from autoresearch.ledger import COLUMNS, Ledger, LedgerError
 
 _FLOATS = ["val_bpb", "memory_gb", "training_seconds", "total_seconds", "mfu_percent",
@@ -85,7 +86,7 @@ def summarize(df, top=5, results_dir=None):
     runs = _runs(df)
     configs = history.configs_of(runs)
     inc = history.incumbent_of(runs, configs)
-    noise = history.noise_floor(configs)
+    noise = noise_floor(configs)
     first_base = min((r for r in runs if r.kind == "baseline"), key=lambda r: r.trial, default=None)
     base = configs[first_base.config] if first_base else None
     challengers = [c for c in configs.values() if base is None or c.id != base.id]

@@ -574,7 +574,7 @@ class SharedStudy:
         lines = {}
         for trial_id, row in view:
             if trial_id not in self._lines:
-                unknown = set(row) - set(COLUMNS)
+                unknown = set(row) - set(COLUMNS) - set(ledger.STUDY_FIELDS)
                 if unknown:
                     raise StorageError(f"trial {row['trial']}'s row carries unknown results "
                                        f"column(s): {', '.join(sorted(unknown))}")

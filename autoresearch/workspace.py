@@ -1,7 +1,5 @@
 """train.py as the incumbent: read it, see its constants as they run, restore it after a crash or
-another worker's keep, and commit (or hash) what ran. A part of the Driver (driver.py), which
-holds the state it reads: train_path, profile, names, runs, incumbent, record, code_mode,
-base_seed, ratchet.
+another worker's keep, write a keep into it, and commit (or hash) what ran.
 """
 from autoresearch import history, trialdir
 from autoresearch import ledger as ledger_mod
@@ -11,18 +9,34 @@ from autoresearch.ratchet import RatchetError, source_hash
 from autoresearch.space import PROFILE_NAMES
 
 
+def effective_constants(source, profile):
+    """train.py's literal constants, with None replaced by the profile's default."""
+    return {n: (profile.train[n] if v is None and n in profile.train else v)
+            for n, v in read_constants(source).items()}
+
+
+def constraint_context(source, profile):
+    """What the search space's constraints see: the constants as they run and the profile's."""
+    return effective_constants(source, profile) | dict(zip(
+        PROFILE_NAMES, (profile.max_seq_len, profile.time_budget, profile.eval_tokens,
+                        profile.vocab_size)))
+
+
 class Workspace:
-    """Mixed into Driver: its methods use the driver's state (see the module's docstring)."""
+    """The working tree's train.py (train_path) for a loop over the searched constants `names`;
+    runs' own copies are found through the results directory and the record."""
+
+    def __init__(self, train_path, results_dir, profile, names, record, code_mode=False,
+                 ratchet=None, log=print):
+        self.train_path, self.results_dir, self.profile = train_path, results_dir, profile
+        self.names, self.record, self.code_mode = names, record, code_mode
+        self.ratchet, self.log = ratchet, log
 
     def effective(self, source):
-        """train.py's literal constants, with None replaced by the profile's default."""
-        return {n: (self.profile.train[n] if v is None and n in self.profile.train else v)
-                for n, v in read_constants(source).items()}
+        return effective_constants(source, self.profile)
 
     def context(self, source):
-        p = self.profile
-        return self.effective(source) | dict(zip(PROFILE_NAMES, (p.max_seq_len, p.time_budget,
-                                                                 p.eval_tokens, p.vocab_size)))
+        return constraint_context(source, self.profile)
 
     def current_source(self):
         with open(self.train_path) as f:
@@ -33,14 +47,14 @@ class Workspace:
         return {n: eff[n] for n in self.names}
 
     def fingerprint(self, source):
-        return history.code_fingerprint(source, self.names)
+        return history.code_fingerprint(source, self.names, self.profile.train)
 
     def config_of(self, params, source):
         return history.config_id(params, self.fingerprint(source))
 
-    def source_of(self, config):
+    def source_of(self, config, runs):
         """The train.py a config trains (SEED as its first run had it), or None if lost."""
-        first = next((r for r in self.runs if r.config == config.id and r.row.get("log")), None)
+        first = next((r for r in runs if r.config == config.id and r.row.get("log")), None)
         here = trialdir.read_source(self.results_dir, first.row["log"]) if first else None
         if here is not None:
             return here
@@ -53,26 +67,47 @@ class Workspace:
         now = self.searched(current)
         return patch_constants(current, {k: v for k, v in config.params.items() if now.get(k) != v})
 
-    def _restore_incumbent(self):
-        inc = self.incumbent
-        if inc is None:
+    def restore(self, incumbent, runs, base_seed):
+        """Put the incumbent back into train.py where it drifted (a hand edit, a crash before a
+        keep was written, another worker's keep)."""
+        if incumbent is None:
             return
         current = self.current_source()
         if self.code_mode:  # a code edit kept by a loop that died before writing its row
-            want = self.source_of(inc)
+            want = self.source_of(incumbent, runs)
             if want is not None and self.fingerprint(want) != self.fingerprint(current):
-                ledger_mod.write_atomic(self.train_path,
-                                        patch_constants(want, {"SEED": self.base_seed}))
-                self.log(f"restored train.py to the incumbent's code (config {inc.id})")
+                ledger_mod.write_atomic(self.train_path, patch_constants(want, {"SEED": base_seed}))
+                self.log(f"restored train.py to the incumbent's code (config {incumbent.id})")
                 return
         now = self.searched(current)
-        drift = {n: v for n, v in inc.params.items() if now.get(n) != v}
+        drift = {n: v for n, v in incumbent.params.items() if now.get(n) != v}
         if drift:
             ledger_mod.write_atomic(self.train_path, patch_constants(current, drift))
-            self.log(f"restored train.py to the incumbent (config {inc.id}, mean val_bpb "
-                     f"{inc.mean:.6f} over {inc.n} runs): {', '.join(sorted(drift))}")
+            self.log(f"restored train.py to the incumbent (config {incumbent.id}, mean val_bpb "
+                     f"{incumbent.mean:.6f} over {incumbent.n} runs): {', '.join(sorted(drift))}")
 
-    def _commit(self, source, keep, message):
+    def write_defaults(self):
+        """Write the profile's values into train.py where its constants say None, so that the
+        file shows the recipe that runs (to a reader, and to a model editing it in code mode).
+        The config ids do not change (code_fingerprint). Returns the names written."""
+        source = self.current_source()
+        missing = {n: self.profile.train[n] for n, v in read_constants(source).items()
+                   if v is None and n in self.profile.train}
+        if missing:
+            filled = patch_constants(source, missing)
+            ledger_mod.write_atomic(self.train_path, filled)
+            if self.ratchet is not None:  # keeps the tree clean for the ratchet's next start
+                self.commit(filled, True, f"train.py: the {self.profile.name} profile's values "
+                                          f"where it said None")
+        return sorted(missing)
+
+    def keep(self, source, base_seed):
+        """A new incumbent into train.py, atomically, with the loop's base SEED."""
+        ledger_mod.write_atomic(self.train_path, patch_constants(source, {"SEED": base_seed}))
+
+    def commit(self, source, keep, message):
+        """The row's commit: the git commit in --git mode (a keep moves the branch), else a
+        short hash of the trial's train.py."""
         if self.ratchet is None:
             return source_hash(source)
         try:

@@ -119,7 +119,7 @@ def test_an_ordinary_edit_runs_and_is_kept_with_the_sandbox_on(fake_llm_work, mo
     driver.s.sandbox = "on"
     fake.script = [edit("+ 0.01 * DEPTH", "+ 0.001 * DEPTH", "a smaller depth penalty")]
     row = driver.step()
-    assert driver.sandbox.isolated
+    assert driver.execution.sandbox.isolated
     assert row["status"] == "keep" and row["val_bpb"] == pytest.approx(1.4825, abs=1e-4)
     assert "0.001 * DEPTH" in open(work / "train.py").read()
 

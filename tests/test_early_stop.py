@@ -152,7 +152,7 @@ def test_the_loop_stops_losers_and_records_them_as_pruned_rows(work):
     again = driver()
     assert set(pruned.config) <= {c.id for c in again.configs.values() if c.status == "pruned"}
     for config in pruned.config:
-        assert "pruned" in again.cannot_run(again.configs[config].params)
+        assert "pruned" in again.candidates.cannot_run(again.configs[config].params, again.standing)
     again.run(trials=2, progress=False)
     after = pd.read_csv("results.tsv", sep="\t")
     assert len(after) == len(df) + 2
@@ -167,11 +167,13 @@ def test_a_races_re_runs_are_spared_unless_asked(work):
     d = driver()
     d.run(trials=6, progress=False)
     other = next(c for c in d.configs.values() if c.id != d.incumbent.id and c.n)
-    rerun = d._rerun_job(other, "retest")
-    assert d.early_stop(rerun, 100) is None
-    assert d.early_stop(dataclasses.replace(rerun, purpose="new"), 100) is not None
+    rerun = d.schedule.rerun_job(other, "retest", d.standing)
+    def watch(job):
+        return d.stopping.watch(job, 100, d.runs, d.configs, d.incumbent)
+    assert watch(rerun) is None
+    assert watch(dataclasses.replace(rerun, purpose="new")) is not None
     d.s.prune_reruns = True
-    assert d.early_stop(rerun, 100) is not None
+    assert watch(rerun) is not None
 
 
 def test_audited_runs_finish_and_the_report_counts_their_keeps(work):

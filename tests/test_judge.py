@@ -12,7 +12,7 @@ import pytest
 
 from autoresearch import history
 from autoresearch.driver import Driver, Settings
-from autoresearch.judge import NoiseJudge, ThresholdJudge
+from autoresearch.judge import NoiseJudge, ThresholdJudge, noise_floor, seed_fit
 from autoresearch.runner import Outcome
 from conftest import FAKE, FAKE_SPACE, ROOT
 from test_loop import loop_cli, set_fake
@@ -26,7 +26,7 @@ def config(values, first_trial=10, trials=None):
 
 
 INCUMBENT = config([1.00, 1.01, 0.99], first_trial=0)   # std 0.01 over 3 runs
-NOISE = history.noise_floor({"i": INCUMBENT})
+NOISE = noise_floor({"i": INCUMBENT})
 
 
 def verdicts(challenger_values, incumbent=INCUMBENT, judge=None):
@@ -34,9 +34,27 @@ def verdicts(challenger_values, incumbent=INCUMBENT, judge=None):
     out = []
     for n in range(1, len(challenger_values) + 1):
         c = config(challenger_values[:n])
-        noise = history.noise_floor({"i": incumbent, "c": c})
+        noise = noise_floor({"i": incumbent, "c": c})
         out.append(judge.verdict(c, incumbent, noise).status)
     return out
+
+
+def test_decide_gives_every_run_its_verdict_and_only_a_challenger_goes_to_the_rule():
+    ahead = config([0.90, 0.91])
+    ahead.id = "a"  # (INCUMBENT's id is "c")
+    configs = {"c": INCUMBENT, "a": ahead}
+    for judge in (NoiseJudge(), ThresholdJudge()):
+        decide = judge.decide
+        assert decide("new", Outcome(False, "pruned at 40%: loss 3.2", pruned=True), ahead,
+                      INCUMBENT, configs).status == "pruned"
+        assert decide("retest", Outcome(False, "oom"), ahead, INCUMBENT, configs) == \
+            judge.decide("new", Outcome(False, "oom"), ahead, INCUMBENT, configs)
+        assert decide("new", Outcome(False, "oom"), ahead, INCUMBENT, configs).reason == "oom"
+        assert decide("incumbent", Outcome(True), INCUMBENT, INCUMBENT, configs).status == "keep"
+        assert decide("baseline", Outcome(True), INCUMBENT, None, configs).status == "keep"
+        # a recheck measures the incumbent: a better-looking config's run never replaces it
+        assert decide("recheck", Outcome(True), ahead, INCUMBENT, configs).status == "discard"
+        assert decide("retest", Outcome(True), ahead, INCUMBENT, configs).status == "keep"
 
 
 def test_a_clear_win_is_kept_on_its_second_run():
@@ -120,10 +138,10 @@ def test_the_seed_fit_finds_luck_shared_across_configs():
     means = [1.0, 1.2, 0.9, 1.1]
     tables = [{s: m + luck[s] for s in luck} for m in means]
     tables.append({1: 1.5 + luck[1], 2: 1.5 + luck[2]})    # unbalanced: SEEDs 1-2 only
-    effects, std, dof = history.seed_fit(tables)
+    effects, std, dof = seed_fit(tables)
     assert {s: round(e, 6) for s, e in effects.items()} == luck  # (luck is centred already)
     assert std == pytest.approx(0.0, abs=1e-9) and dof == 14 - 5 - 3 + 1
-    assert history.seed_fit([{1: 1.0, 2: 1.1}, {3: 1.0, 4: 1.2}]) is None  # no SEED in common
+    assert seed_fit([{1: 1.0, 2: 1.1}, {3: 1.0, 4: 1.2}]) is None  # no SEED in common
 
 
 def test_pairing_takes_the_seeds_luck_out_of_the_comparison():
@@ -136,7 +154,7 @@ def test_pairing_takes_the_seeds_luck_out_of_the_comparison():
     others = {f"c{i}": on_seeds([m + x + 0.001 * (-1) ** i for x in luck])
               for i, m in enumerate([1.1, 1.3, 0.95, 1.2])}
     configs = {"inc": incumbent, **others}
-    noise = history.noise_floor(configs)
+    noise = noise_floor(configs)
     assert noise.paired_std < noise.std / 5        # most of the spread came with the SEED
     # a challenger 0.01 better on the same two SEEDs: lost in the noise unpaired, clear paired
     challenger = on_seeds([0.99 + luck[0], 0.99 + luck[1]])

@@ -7,7 +7,7 @@ import time
 import pandas as pd
 import pytest
 
-from autoresearch import history
+from autoresearch import history, judge
 from autoresearch.proposers import Context
 from autoresearch.proposers.llm import LLMProposer, extract_json
 from autoresearch.space import parse_space
@@ -154,7 +154,7 @@ def test_the_prompt_shows_means_run_counts_and_the_noise():
         configs = history.configs_of(history.runs_of(rows))
         inc = history.incumbent_of(history.runs_of(rows), configs)
         return proposer.prompt(Context(best={"LR": 0.04}, best_value=inc.mean, best_runs=inc.n,
-                                       configs=configs, noise=history.noise_floor(configs),
+                                       configs=configs, noise=judge.noise_floor(configs),
                                        source="", defaults={}, check=lambda *a: None))
     once = prompt([row(0, 1.00, 1, status="keep"), row(1, 1.02, 1, lr=0.05)])
     assert "Noise:" not in once and "1.000000 over 1 run  incumbent" in once

@@ -11,6 +11,7 @@ import time
 import pandas as pd
 import pytest
 
+from autoresearch import history
 from autoresearch.driver import Driver, LoopError, Settings
 from autoresearch.patch import patch_constants, read_constants
 from conftest import FAKE, FAKE_SPACE, ROOT
@@ -184,6 +185,13 @@ def test_oom_retry_halves_the_micro_batch(work):
     assert sorted(os.listdir(work / "runs" / "0000")) == ["run.log", "run.oom1.log",
                                                           "run.oom2.log", "train.py"]
     assert "DEVICE_BATCH_SIZE=8" in open(work / "runs" / "0000" / "run.oom2.log").read()
+    # the study keeps the retry as a typed field, which is what the loop reads back
+    stored = driver.record.rows()[0]
+    assert stored["oom_retry"] == [16, 4] and stored["kind"] == "baseline" and stored["code"]
+    run = driver.runs[0]
+    assert run.oom_retry == (16, 4) and run.code == stored["code"]
+    stored["description"] = "baseline"  # not parsed from the text any more
+    assert history.Run.from_row(stored).oom_retry == (16, 4)
 
 
 def test_oom_beyond_the_retry_limit_is_a_crash(work):
@@ -327,3 +335,28 @@ def test_oom_lessons_shrink_later_candidates_before_they_run(work):
     assert len(wasted) <= 1, wasted
     assert any("predicted oom: DEVICE_BATCH_SIZE" in r["description"] for r in rows)
     assert all(r["params"]["DEVICE_BATCH_SIZE"] <= 4 for r in rows if r["status"] != "crash")
+
+
+def test_the_loop_writes_the_profiles_values_into_train_py_and_ids_stay(tmp_path, smoke_data,
+                                                                           monkeypatch):
+    """train.py ships with None for the profile's defaults; a loop's start writes them in, so
+    the file shows the recipe that runs, and the baseline keeps the id it had as None."""
+    monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(os.path.join(ROOT, "train.py"), "train.py")
+    shutil.copy(os.path.join(ROOT, "search_space.yaml"), "search_space.yaml")
+    shipped = open("train.py").read()
+    assert read_constants(shipped)["DEPTH"] is None
+    Driver(Settings(dry_run=True), log=lambda *a: None)
+    assert open("train.py").read() == shipped  # a dry run writes nothing
+    messages = []
+    driver = Driver(Settings(), log=messages.append)
+    now = read_constants(open("train.py").read())
+    assert now["DEPTH"] == smoke_data.profile.train["DEPTH"] and None not in now.values()
+    assert any("so it shows the recipe that runs" in m for m in messages), messages
+    ws = driver.workspace
+    assert ws.fingerprint(open("train.py").read()) == ws.fingerprint(shipped)
+    job, _ = driver.schedule.reserve(driver.standing, driver.reload)
+    assert job.purpose == "baseline" and "DEPTH = 2" in job.source
+    assert job.config == ws.config_of(ws.searched(shipped), shipped)
+    driver.close()

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats
 
-from autoresearch import history
+from autoresearch import history, judge
 from autoresearch import ledger as L
 from autoresearch.report import format_summary, load_results, plot_progress, summarize
 
@@ -135,10 +135,10 @@ def test_noise_floor_pools_configs_that_ran_more_than_once():
         return {"trial": trial, "status": status, "val_bpb": f"{val:.6f}", "error": error,
                 "params": json.dumps({"LR": lr}), "seed": trial}
     configs = history.configs_of(history.runs_of([row(0, 1.0, 0.04), row(1, 1.1, 0.05)]))
-    assert history.noise_floor(configs) is None
+    assert judge.noise_floor(configs) is None
     configs = history.configs_of(history.runs_of([
         row(0, 1.00, 0.04), row(1, 1.02, 0.04), row(2, 0.5, 0.05), row(3, 0.52, 0.05),
         row(4, 0.9, 0.04, "crash", "oom")]))
-    noise = history.noise_floor(configs)
+    noise = judge.noise_floor(configs)
     assert noise.std == pytest.approx(0.01 * 2 ** 0.5) and noise.runs == 4 and noise.dof == 2
     assert noise.configs == 2

@@ -1,5 +1,6 @@
-"""Proposers: where the next candidate comes from. The registry lives here; each strategy's
-module imports only `base`, so nothing imports the module that imports it."""
+"""Proposers: where the next candidate comes from. The registry lives here. A strategy's module
+imports `base` (and llm its greedy fallback from `simple`), never the package or a sibling that
+imports it back; centaur is handed its LLM proposer by `make_proposer`."""
 import importlib
 
 from autoresearch.proposers.base import Candidate, Context, Proposer, describe_changes  # noqa: F401
@@ -26,8 +27,10 @@ def make_proposer(name, space, seed=0, llm=None):
     if name not in LLM_STRATEGIES:
         return proposer_class(space, seed)
     options = dict(llm or {})
+    fraction = options.pop("llm_fraction", None)
     if name == "llm":
-        options.pop("llm_fraction", None)
-    elif options.pop("scope", "params") != "params":
+        return proposer_class(space, seed, **options)
+    if options.get("scope", "params") != "params":
         raise ValueError("centaur proposes constants only; code edits need the llm strategy")
-    return proposer_class(space, seed, **options)
+    model = make_proposer("llm", space, seed, options)
+    return proposer_class(space, seed, model, **({"llm_fraction": fraction} if fraction is not None else {}))

@@ -20,6 +20,9 @@ class Candidate:
     meta: dict = field(default_factory=dict)  # the proposer's own bookkeeping
     source: str = None    # code mode: the whole edited train.py the trial runs
     strategy: str = None  # the results' strategy column when not the proposer's name
+    diff: str = ""        # code mode: the edit as a unified diff, kept beside the trial's log
+    cost: dict = None     # a model's proposal: its tokens, seconds and how it went, kept as
+                          # runs/<trial>/proposal.json for `loop.py report`
 
 
 @dataclass

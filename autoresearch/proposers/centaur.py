@@ -15,7 +15,6 @@ import math
 import numpy as np
 
 from autoresearch.proposers.base import Candidate, Proposer, changes_from, describe_changes
-from autoresearch.proposers.llm import LLMProposer
 
 
 class Box:
@@ -59,12 +58,16 @@ class CentaurProposer(Proposer):
     name = "centaur"
     reads_curves = True
 
-    def __init__(self, space, seed=0, llm_fraction=0.3, sigma=0.2, **llm_options):
+    def __init__(self, space, seed=0, llm=None, llm_fraction=0.3, sigma=0.2):
+        """llm: the LLM proposer it asks every k-th time (proposers.make_proposer builds it
+        from the LLM options, so this module imports only base)."""
         super().__init__(space, seed)
+        if llm is None:
+            raise ValueError("centaur needs an LLM proposer")
         if not 0 < llm_fraction <= 1:
             raise ValueError("llm_fraction must be in (0, 1]")
         self.every = max(1, round(1 / llm_fraction))
-        self.llm = LLMProposer(space, seed, **llm_options)
+        self.llm = llm
         self.box, self.sigma, self.seed = Box(space), sigma, seed
         self.cma, self.generation, self.proposals = None, [], 0
         self.worst = None   # crashes are told as a bit worse than the worst result seen

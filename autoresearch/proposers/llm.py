@@ -264,15 +264,15 @@ class LLMProposer(Proposer):
             try:
                 text = self.ask(messages, schema, answer_tokens)
                 params, changes, rationale, source = parse(text, ctx)
-                meta = self._meta("repaired" if attempt else "valid", prompt_chars)
-                cost = f"[{meta['tokens']} tokens, {meta['seconds']:.1f} s]"
+                cost = self._cost("repaired" if attempt else "valid", prompt_chars)
+                spent = f"[{cost['tokens']} tokens, {cost['seconds']:.1f} s]"
                 if source is None:
-                    desc = f"llm: {rationale or describe_changes(changes, ctx.best)} {cost}"
-                    return Candidate(params, changes, desc, meta=meta)
+                    desc = f"llm: {rationale or describe_changes(changes, ctx.best)} {spent}"
+                    return Candidate(params, changes, desc, cost=cost)
                 patch, added, removed = edits.diff(ctx.source, source)
                 desc = (f"{CODE_PREFIX} {rationale or 'an edit'} (+{added} -{removed} lines) "
-                        f"{cost}")
-                return Candidate(params, changes, desc, meta=meta | {"diff": patch},
+                        f"{spent}")
+                return Candidate(params, changes, desc, cost=cost, diff=patch,
                                  source=source, strategy=CODE_STRATEGY)
             except LLMError as e:
                 problem = str(e)
@@ -286,13 +286,13 @@ class LLMProposer(Proposer):
                 break
         self.gave_up = problem
         cand = self._fallback(ctx, problem)
-        cand.meta |= self._meta("fallback", prompt_chars) | {"reason": problem}
+        cand.cost = self._cost("fallback", prompt_chars) | {"reason": problem}
         return cand
 
-    def _meta(self, outcome, prompt_chars):
+    def _cost(self, outcome, prompt_chars):
         """What this proposal cost and how it went, kept beside the trial's log."""
         asked = self._asked
-        return {"llm": True, "outcome": outcome, "calls": len(asked),
+        return {"outcome": outcome, "calls": len(asked),
                 "tokens": sum(r.tokens for r in asked),
                 "prompt_tokens": sum(r.prompt_tokens for r in asked),
                 "seconds": round(sum(r.seconds for r in asked), 3),
