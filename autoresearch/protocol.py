@@ -27,6 +27,9 @@ EVAL_FD_ENV = "AUTORESEARCH_EVAL_FD"  # prepare.EVAL_FD_ENV: the evaluation sock
 PROGRESS = re.compile(r"^step (\d+) \| progress ([\d.]+) \| loss ([^ |]+)(?: .*?\| tok/s ([\d,.]+))?")
 FAIL = re.compile(r"^FAIL: (\w+)")
 EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*)$")
+# How running out of memory reads in a trainer's output, lowercased: CUDA's "out of memory",
+# PyTorch's CPU allocator ("can't allocate memory"), a MemoryError (numpy's _ArrayMemoryError too).
+OOM_TEXT = ("out of memory", "can't allocate memory", "memoryerror")
 
 
 def contract(reason):
@@ -95,3 +98,9 @@ def last_exception(lines):
     """The last line that looks like a Python exception (`ValueError: ...`), or None."""
     found = [m.group(1) for line in lines if (m := EXCEPTION.match(line))]
     return found[-1] if found else None
+
+
+def is_oom(lines):
+    """Whether the last 50 lines of a failed trainer's output say it ran out of memory."""
+    text = "\n".join(lines[-50:]).lower()
+    return any(phrase in text for phrase in OOM_TEXT)
