@@ -13,8 +13,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 
-from autoresearch import config
-from autoresearch.protocol import refused
+from autoresearch import config, protocol
 from autoresearch.sandbox.limits import Limits, gib, tasks_of_user
 from autoresearch.sandbox.reaping import TRIAL_ENV, die_with_parent, kill_marked, read_report
 
@@ -31,12 +30,6 @@ SECRET_PATHS = ("~/.ssh", "~/.gnupg", "~/.aws", "~/.azure", "~/.config/gcloud", 
 GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri", "/dev/kfd")
 SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py")
 SHM_BYTES = 1 << 30    # /dev/shm of an isolated trial (multiprocessing needs one)
-_NETWORK = re.compile(r"ConnectionRefused|Network is unreachable|Errno (101|111|113)\]|gaierror|"
-                      r"[Nn]ame or service not known|[Tt]emporary failure in name resolution|"
-                      r"No address associated|NewConnectionError|Max retries exceeded|URLError|"
-                      r"ConnectionError|Cannot assign requested address")
-_READ_ONLY = re.compile(r"Errno 30\]|Read-only file system")
-_VAL_FILES = re.compile(r"\bval\.(bin|idx\.npy)\b")
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -180,21 +173,21 @@ class Sandbox:
             return _refused("file size", too_big)
         if not exception:
             return None
-        if "Errno 27]" in exception or "File too large" in exception:  # Python ignores SIGXFSZ
+        if protocol.FILE_TOO_LARGE.search(exception):  # Python ignores SIGXFSZ
             return _refused("file size", f"{too_big}: {exception}")
-        if self.isolated and _READ_ONLY.search(exception):
+        if self.isolated and protocol.READ_ONLY.search(exception):
             return _refused("read-only", exception)
-        if self.isolated and _NETWORK.search(exception):
+        if self.isolated and protocol.NETWORK.search(exception):
             return _refused("no network", exception)
-        if _VAL_FILES.search(exception):
+        if protocol.VAL_FILES.search(exception):
             return _refused("no validation data", exception)
-        if "Resource temporarily unavailable" in exception and "fork" in exception.lower():
+        if protocol.fork_refused(exception):
             return _refused("process limit", exception)
         return None
 
 
 def _refused(rule, detail):
-    return refused(rule, detail[:200])
+    return protocol.refused(rule, detail[:200])
 
 
 def under(path, root):
