@@ -86,5 +86,5 @@ class Settings:
     first_confidence: float = None  # noise judge: keep on one run this far ahead (None: never)
     incumbent_rule: str = "close"  # noise judge: race | close (when the incumbent is re-run)
     paired: bool = False           # noise judge: compare runs without their SEED's shared luck
-    # auto | on | off (autoresearch/sandbox.py); default $AUTORESEARCH_SANDBOX, else auto
+    # auto | on | off (autoresearch/sandbox/); default $AUTORESEARCH_SANDBOX, else auto
     sandbox: str = field(default_factory=lambda: sandbox_mode())

@@ -1,6 +1,7 @@
 """The trainer-loop protocol in one place: what train.py prints (progress lines, the summary block,
-FAIL lines), how the runner reads it, how a crash reason is worded, and which lines of train.py
-code mode may not touch. The runner, the contract checks (edits.py) and the sandbox use it.
+FAIL lines), how the runner reads it (an out-of-memory, an exception that ran into a sandbox
+rule), how a crash reason is worded, and which lines of train.py code mode may not touch. The
+runner, the contract checks (edits.py) and the sandbox use it.
 
 The score itself does not travel through stdout: the fixed evaluation (prepare.FixedEval) runs in
 the loop's process and talks to the trainer over a socket (see prepare.py); the printed val_bpb
@@ -27,6 +28,18 @@ EVAL_FD_ENV = "AUTORESEARCH_EVAL_FD"  # prepare.EVAL_FD_ENV: the evaluation sock
 PROGRESS = re.compile(r"^step (\d+) \| progress ([\d.]+) \| loss ([^ |]+)(?: .*?\| tok/s ([\d,.]+))?")
 FAIL = re.compile(r"^FAIL: (\w+)")
 EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*)$")
+# How running out of memory reads in a trainer's output, lowercased: CUDA's "out of memory",
+# PyTorch's CPU allocator ("can't allocate memory"), a MemoryError (numpy's _ArrayMemoryError too).
+OOM_TEXT = ("out of memory", "can't allocate memory", "memoryerror")
+# What a trainer's last exception says when it ran into one of the sandbox's rules. Whether a
+# match is a refusal (an isolated trial, which rules apply) is the sandbox's call (refusal()).
+FILE_TOO_LARGE = re.compile(r"Errno 27\]|File too large")  # EFBIG: Python ignores SIGXFSZ
+READ_ONLY = re.compile(r"Errno 30\]|Read-only file system")
+NETWORK = re.compile(r"ConnectionRefused|Network is unreachable|Errno (101|111|113)\]|gaierror|"
+                     r"[Nn]ame or service not known|[Tt]emporary failure in name resolution|"
+                     r"No address associated|NewConnectionError|Max retries exceeded|URLError|"
+                     r"ConnectionError|Cannot assign requested address")
+VAL_FILES = re.compile(r"\bval\.(bin|idx\.npy)\b")
 
 
 def contract(reason):
@@ -95,3 +108,14 @@ def last_exception(lines):
     """The last line that looks like a Python exception (`ValueError: ...`), or None."""
     found = [m.group(1) for line in lines if (m := EXCEPTION.match(line))]
     return found[-1] if found else None
+
+
+def is_oom(lines):
+    """Whether the last 50 lines of a failed trainer's output say it ran out of memory."""
+    text = "\n".join(lines[-50:]).lower()
+    return any(phrase in text for phrase in OOM_TEXT)
+
+
+def fork_refused(exception):
+    """Whether an exception says a fork failed with EAGAIN, as it does past RLIMIT_NPROC."""
+    return "Resource temporarily unavailable" in exception and "fork" in exception.lower()

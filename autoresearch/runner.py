@@ -234,8 +234,7 @@ def classify(lines, returncode, error="", served=None, sandbox=None, report=None
         if not math.isfinite(values["val_bpb"]) or values["val_bpb"] <= 0:
             return Outcome(False, "nan", {}, returncode)
         return Outcome(True, "", summary | values, returncode)
-    text = "\n".join(lines[-50:]).lower()
-    if "out of memory" in text or "can't allocate memory" in text or "memoryerror" in text:
+    if protocol.is_oom(lines):
         return Outcome(False, "oom", {}, returncode)
     exception = protocol.last_exception(lines)
     rule = sandbox.refusal(exception, returncode) if sandbox else None

@@ -15,6 +15,7 @@ import pytest
 from autoresearch import sandbox
 from autoresearch.patch import patch_constants
 from autoresearch.runner import run_trial
+from autoresearch.sandbox import isolation, probing
 from conftest import ROOT, skip_or_fail_in_ci
 
 FAKE = open(os.path.join(ROOT, "tests", "fixtures", "fake_train.py")).read()
@@ -202,7 +203,7 @@ def test_device_nodes_pass_through(tmp_path, smoke_data, box, monkeypatch):
                and os.stat(os.path.join("/dev", d)).st_mode & 0o020000]
     if not devices:
         pytest.skip("no character device here besides bwrap's own")
-    monkeypatch.setattr(sandbox, "GPU_DEVICES", (devices[0],))
+    monkeypatch.setattr(isolation, "GPU_DEVICES", (devices[0],))
     code = f"import stat\nprint('CHAR', stat.S_ISCHR(os.stat({devices[0]!r}).st_mode))"
     out = trial(tmp_path, fake_with(code), smoke_data, box)
     assert out.ok and "CHAR True" in open(out.log).read()
@@ -226,7 +227,7 @@ def test_choose_announces_what_it_is_and_refuses_on_without_a_sandbox(monkeypatc
     with pytest.raises(ValueError, match="auto, on, off"):
         sandbox.choose("maybe")
     monkeypatch.delenv("AUTORESEARCH_BWRAP", raising=False)
-    monkeypatch.setattr(sandbox, "find_bwrap", lambda: None)
+    monkeypatch.setattr(probing, "find_bwrap", lambda: None)
     with pytest.raises(sandbox.SandboxError, match="bwrap not found"):
         sandbox.choose("on", log=said.append)
     box = sandbox.choose("auto", log=said.append)
@@ -242,7 +243,7 @@ def test_an_older_bwrap_gets_no_options_it_lacks(tmp_path):
         old.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "bubblewrap {version}" && exit 0\n'
                        f'exec {BWRAP} "$@"\n')
         old.chmod(0o755)
-        args = sandbox._base_args(str(old))
+        args = isolation.base_args(str(old))
         assert ("--size" in args, "--perms" in args) == (size, perms)
         assert sandbox.probe(str(old)) == (str(old), None)
 

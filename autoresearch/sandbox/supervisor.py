@@ -7,6 +7,9 @@ leftover processes get LEFTOVER_GRACE seconds to go (compile workers exit right 
 parent), then are killed. A report goes to REPORT_FD, a pipe the trainer does not hold: a line
 `returncode N`, then a line `leftover COMMAND LINE` per process killed. The supervisor exits
 with the trainer's status.
+
+It sits in the sandbox package but is never imported: it runs as a script and imports nothing
+from autoresearch, so that every trial's start-up stays short.
 """
 import os
 import sys
