@@ -43,7 +43,8 @@ class LedgerError(ValueError):
 
 class StorageError(RuntimeError):
     """The shared study cannot be reached or holds something this loop cannot use. (Defined
-    here, not in storage.py, so that catching it does not import Optuna and SQLAlchemy.)"""
+    here, not in autoresearch/storage/, so that catching it does not import Optuna and
+    SQLAlchemy.)"""
 
 
 def write_atomic(path, text):

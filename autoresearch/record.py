@@ -8,7 +8,7 @@ a finished row; results.tsv is rewritten atomically as the study's view after ev
 While a run trains, its curve goes into the study as intermediate values (step = percent of the
 budget, value = the smoothed train loss), and a finished trial carries what a person opens
 first (its verdict, its log's tail, its train.py diff) as user attributes: optuna-dashboard
-shows both. autoresearch/storage.py holds the study itself.
+shows both. The autoresearch.storage package holds the study itself.
 """
 import math
 import os
@@ -140,7 +140,7 @@ class Record:
 
     def optuna_study(self):
         """The optuna.Study itself, for Optuna's pruners and samplers to read."""
-        return self.study.study
+        return self.study.optuna_study()
 
     def trial(self, number):
         """A trial as the study holds it now (an optuna FrozenTrial)."""

@@ -1,4 +1,4 @@
-"""The shared study (autoresearch/storage.py) against real SQLite files and a real PostgreSQL
+"""The shared study (autoresearch/storage/) against real SQLite files and a real PostgreSQL
 server on 127.0.0.1, with real worker processes (tests/fixtures/storage_worker.py)."""
 import json
 import os
@@ -170,7 +170,7 @@ def test_finish_is_idempotent_and_a_late_finish_replaces_the_lost_trial(url):
         assert a.finish(n, row, 1.25) == n
         assert a.finish(n, row, 1.25) == n  # a retry after a lost answer
         m = a.reserve({"config": "y", "worker": "a"})
-        a._release(a._numbers[m])  # fault: this worker's beats stop reaching the database
+        a.liveness.release(a._numbers[m])  # fault: this worker's beats stop reaching the database
         time.sleep(FAST["grace"] + 1.5)
         assert [r["error"] for r in b.rows() if int(r["trial"]) == m] == ["lost"]
         late = {"trial": m, "val_bpb": 1.5, "status": "discard", "config": "y", "worker": "a"}
