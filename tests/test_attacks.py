@@ -146,6 +146,7 @@ def test_non_causal_attention_in_the_real_train_py_is_never_scored(tmp_path, smo
                                  llm=dict(base_url=fake.url, model="fake", scope="code",
                                           timeout=2.0, max_retries=0)), log=lambda *a: None)
         assert driver.step()["status"] == "keep"
+        before = open("train.py").read()  # the baseline, the profile's values written in
         row = driver.step()
     finally:
         fake.close()
