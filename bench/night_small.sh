@@ -2,10 +2,11 @@
 # The real night in small (BENCHMARKS.md): cpu profile, 30 s runs, greedy, --trials N, then
 # `recheck --runs 3` and `report`, for the threshold judge and then the defaults, one after the
 # other on a quiet machine. With SAME_WALL=1 a third leg runs the defaults again for exactly the
-# threshold judge's wall-clock (--hours), which is the issue's "in the same wall-clock".
+# threshold judge's wall-clock (--hours), which is the issue's "in the same wall-clock";
+# SAME_WALL=only runs that leg instead of the defaults' --trials N leg.
 # Run `python prepare.py --profile cpu` first.
 #
-#     [SAME_WALL=1] bash bench/night_small.sh [TRIALS=30] [SEED=0] [OUT=night]
+#     [SAME_WALL=1|only] bash bench/night_small.sh [TRIALS=30] [SEED=0] [OUT=night]
 set -euo pipefail
 N=${1:-30}
 SEED=${2:-0}
@@ -29,7 +30,9 @@ leg() {  # leg NAME ARGS...: one loop, its recheck and its report in $OUT/NAME-s
 }
 leg threshold --judge threshold --trials "$N"
 THRESHOLD_WALL=$(sed -n 's/^loop wall s: //p' "$OUT/threshold-seed$SEED/times.log")
-leg noise --judge noise --trials "$N"
-if [ "${SAME_WALL:-0}" = 1 ]; then
+if [ "${SAME_WALL:-0}" != only ]; then
+  leg noise --judge noise --trials "$N"
+fi
+if [ "${SAME_WALL:-0}" != 0 ]; then
   leg noise-same-wall --judge noise --hours "$(python3 -c "print($THRESHOLD_WALL / 3600)")"
 fi
