@@ -3,12 +3,12 @@
     python bench/threads.py [--budget 30] [--rounds 5] [--threads 2 1] [--set NAME=VALUE ...]
 
 The baseline config (or the profile's defaults with --set's changes) runs through the real
-runner (runner.run_trial: the real train.py, the fixed
-evaluation served from this process, as the loop runs it) once per round for each thread count,
-interleaved (round k runs every thread count with SEED k), so the machine's drift falls on each
-arm alike. It prints, per thread count, the steps reached and val_bpb: mean, std between runs,
-and the range. On a time budget a run's steps follow the machine's momentary speed, and its
-val_bpb follows its steps; this measures how much of the loop's noise floor that is.
+runner (runner.run_trial: the real train.py, the fixed evaluation served from this process, as
+the loop runs it) once per round for each thread count, interleaved (round k runs every thread
+count with SEED k), so the machine's drift falls on each arm alike. It prints, per thread
+count, the steps reached and val_bpb: mean, std between runs, and the range. On a time budget a
+run's steps follow the machine's momentary speed, and its val_bpb follows its steps; this
+measures how much of the loop's noise floor that is.
 Run it alone on the machine (`uptime` first).
 """
 import argparse
