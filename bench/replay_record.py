@@ -57,7 +57,9 @@ def key(config, seed):
     return json.dumps(config, sort_keys=True), seed
 
 
-def record_one(source, config, seed, budget, data_dir, work):
+def record_one(source, config, seed, budget, data_dir, work, env=None):
+    """One run of `config` with this SEED through the real runner, as a table line; `env` adds
+    to the trainer's environment (bench/threads.py sets its thread count there)."""
     curve = []
 
     def on_line(line):
@@ -68,7 +70,8 @@ def record_one(source, config, seed, budget, data_dir, work):
     text = patch_constants(source, {**config, "SEED": seed})
     trial_dir = tempfile.mkdtemp(dir=work)
     out = run_trial(trial_dir, text, time_limit=budget * 3 + 120, data_dir=data_dir,
-                    env={"AUTORESEARCH_TIME_BUDGET": str(budget)}, on_line=on_line)
+                    env={**(env or {}), "AUTORESEARCH_TIME_BUDGET": str(budget)},
+                    on_line=on_line)
     s = out.summary if out.ok else {}
 
     def num(k):

@@ -20,20 +20,18 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 import prepare  # noqa: E402
-from autoresearch.patch import patch_constants  # noqa: E402
-from autoresearch.runner import run_trial  # noqa: E402
+from replay_record import record_one  # noqa: E402
 
 
 def one_run(source, config, seed, threads, budget, data_dir, work):
-    text = patch_constants(source, {**config, "SEED": seed})
-    out = run_trial(tempfile.mkdtemp(dir=work), text, time_limit=budget * 3 + 120,
-                    data_dir=data_dir,
-                    env={"AUTORESEARCH_TIME_BUDGET": str(budget),
-                         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    if not out.ok:
-        raise SystemExit(f"threads {threads}, SEED {seed}: {out.error}")
-    return float(out.summary["val_bpb"]), int(float(out.summary["num_steps"]))
+    """(val_bpb, steps) of one run on this many trainer threads, as the replay table records it."""
+    row = record_one(source, config, seed, budget, data_dir, work,
+                     env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    if row["error"]:
+        raise SystemExit(f"threads {threads}, SEED {seed}: {row['error']}")
+    return row["val_bpb"], int(row["num_steps"])
 
 
 def _setting(text):
