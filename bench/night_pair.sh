@@ -8,8 +8,8 @@
 #
 #     bash bench/night_pair.sh [MINUTES=9] [SEED=0] [OUT=night-pair] [SWAP=0]
 #
-# SWAP=1 puts the threshold judge on core 1 and the defaults on core 0 (to check the cores are
-# alike, run one seed each way).
+# A fourth argument of 1 puts the threshold judge on core 1 and the defaults on core 0 (to check
+# the cores are alike, run one seed each way).
 set -euo pipefail
 MINUTES=${1:-9}
 SEED=${2:-0}
@@ -39,7 +39,7 @@ wait
 LOG=recheck.log
 pinned "${CORES[0]}" "${dirs[0]}" recheck --runs 3 &
 pinned "${CORES[1]}" "${dirs[1]}" recheck --runs 3 &
-wait || true
+wait
 { echo "rechecks done"; date; uptime; } | tee -a "$OUT/times-seed$SEED.log"
 for d in "${dirs[@]}"; do
   (cd "$d" && "$PY" "$ROOT/loop.py" report > report.log 2>&1)
