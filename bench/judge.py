@@ -4,6 +4,8 @@
     python bench/judge.py real [--minutes 25] [--budget 15] [--recheck 3]
     python bench/judge.py null [--runs 30] [--budget 10]
 
+In sim and simnull, --judges also takes new@C: the loop's defaults at confidence C (new@0.8).
+
 sim: the real Driver (proposer, novelty checks, patching, judge, ledger) over the real cpu
 search space, with the trainer replaced by a noisy objective whose true value is known: a sum
 of bowls, one per searched constant (its position on the constant's scale, log where the range
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +51,20 @@ JUDGES = {  # name -> Settings overrides
     # the simulated trainer prints no curve, so there is nothing to stop early here
     "new": dict(judge="noise", prune="off"),
 }
+
+
+def judge_settings(name):
+    """The Settings overrides of a judge named on the command line: a name in JUDGES, or
+    new@C, the loop's defaults at confidence C (new@0.8), to weigh the confidence."""
+    if name in JUDGES:
+        return JUDGES[name]
+    at = re.fullmatch(r"new@(0?\.\d+)", name)
+    if at and 0.5 < float(at.group(1)) < 1:
+        return dict(JUDGES["new"], confidence=float(at.group(1)))
+    raise SystemExit(f"unknown judge {name!r}: have {', '.join(JUDGES)} or new@C "
+                     f"(a confidence C between 0.5 and 1, such as new@0.8)")
+
+
 NULL_SPACE = "cpu:\n  mutate: [1, 2]\n  params:\n" + "".join(
     f"    UNUSED_{i}: {{low: 0.1, high: 1.0, log: true}}\n" for i in range(4))
 
@@ -156,7 +173,7 @@ def simulate(judge, loop, args, data_dir, null=False):
                             results_path=os.path.join(work, "results.tsv"), data_dir=data_dir,
                             seed=loop, run_fn=trainer, worker="sim", strategy=args.strategy,
                             sandbox="off", storage=":memory:",  # simulated: no record to keep
-                            **JUDGES[judge],
+                            **judge_settings(judge),
                             **(dict(max_runs=args.max_runs, confidence=args.confidence)
                                if judge == "noise" else {}))
         driver = Driver(settings, log=lambda *a: None)
@@ -185,6 +202,8 @@ def simulate(judge, loop, args, data_dir, null=False):
 
 
 def sim_main(args, null=False):
+    for judge in args.judges:  # a misspelt judge fails now, not after the first judge's loops
+        judge_settings(judge)
     data_dir = cpu_data(args.cache)
     print(f"{'null space' if null else 'cpu space'}: {args.strategy}, {args.loops} loops x "
           f"{args.runs} runs per judge, sigma {math.hypot(args.sigma_seed, args.sigma_run):.4f} (seed part "
