@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from autoresearch import history
-from autoresearch.driver import Driver, Settings
+from autoresearch.driver import Driver, LoopError, Settings
 from autoresearch.judge import NoiseJudge, ThresholdJudge, noise_floor, seed_fit
 from autoresearch.runner import Outcome
 from conftest import FAKE, FAKE_SPACE, ROOT
@@ -317,3 +317,111 @@ def test_a_20_column_results_file_resumes(tmp_path, smoke_data, monkeypatch):
     original = pd.read_csv(io.StringIO("\n".join(old) + "\n"), sep="\t")
     assert df.config.tolist()[:4] == original.config.tolist()  # the same ids, recomputed
     assert df.runs.tolist()[:4] == original.runs.tolist()
+
+
+# --- lazy races: climb from the leading challenger, confirm it when the climb stalls ---------
+
+class Landscape:
+    """A trainer stand-in: val_bpb by (MATRIX_LR, DEPTH) plus a SEED's luck, through the
+    driver's real ask/tell, patching and ledger."""
+    LUCK = {42: 0.005, 43: -0.005, 44: 0.0, 45: 0.003, 46: -0.003}
+
+    def __init__(self, values, default=1.02):
+        self.values, self.default, self.calls = values, default, []
+
+    def __call__(self, trial_dir, source, time_limit, data_dir, env, on_line, sandbox=None):
+        from autoresearch.patch import read_constants
+        c = read_constants(source)
+        self.calls.append((c["MATRIX_LR"], c["DEPTH"], c["SEED"]))
+        os.makedirs(trial_dir, exist_ok=True)
+        log = os.path.join(trial_dir, "run.log")
+        open(log, "w").write("scripted\n")
+        value = self.values.get((c["MATRIX_LR"], c["DEPTH"]), self.default) + self.LUCK[c["SEED"]]
+        return Outcome(True, "", {"val_bpb": value, "training_seconds": 1.0}, 0, 0.1, log)
+
+
+# the baseline (0.04, 2) at 1.00; (0.05, 2) one step ahead; (0.05, 3), two constants away from
+# the baseline, farther still: greedy (one constant per step) reaches it only from (0.05, 2)
+HILL = {(0.04, 2): 1.00, (0.05, 2): 0.98, (0.05, 3): 0.96}
+
+
+@pytest.fixture
+def lazy(tmp_path, smoke_data, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_DATA", smoke_data.dir)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(FAKE, tmp_path / "train.py")
+    (tmp_path / "search_space.yaml").write_text(
+        "smoke:\n  mutate: [1, 1]\n  params:\n    MATRIX_LR: {choices: [0.04, 0.05, 0.06]}\n"
+        "    DEPTH: {choices: [2, 3]}\n")
+
+    def make(**settings):
+        script = Landscape(HILL)
+        return Driver(Settings(run_fn=script, prune="off", **({"seed": 0} | settings)),
+                      log=lambda *a: None), script
+    return make
+
+
+def point(row):
+    return row["params"]["MATRIX_LR"], row["params"]["DEPTH"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_lazy_race_climbs_from_the_leader_and_keeps_only_what_its_race_confirmed(lazy, seed):
+    driver, script = lazy(race_after=2, seed=seed)  # proposer seeds: other orders of neighbours
+    rows = []
+    while not any(r["status"] == "keep" and point(r) != (0.04, 2) for r in rows):
+        rows.append(driver.step())
+        assert len(rows) < 14
+    first = {}
+    for i, r in enumerate(rows):
+        first.setdefault(point(r), i)
+    step, far = first[(0.05, 2)], first[(0.05, 3)]
+    assert rows[step]["status"] == "retest" and step < far
+    # while (0.05, 2) led, every new candidate was one constant away from it, not from the
+    # incumbent, and it was not re-run: the climb went on before its race
+    for r in rows[step + 1:far]:
+        assert sum(a != b for a, b in zip(point(r), (0.05, 2))) == 1
+    assert [point(r) for r in rows].count((0.05, 2)) == 1
+    # (0.05, 3) led next; its race began once two new candidates from it led nowhere (or none
+    # was left around it), and its second run confirmed it; the rest between were the
+    # incumbent's re-runs
+    keep = rows[-1]
+    assert point(keep) == (0.05, 3) and int(keep["runs"]) == 2
+    around = {(0.04, 3), (0.06, 3)} - {p for p, i in first.items() if i < far}
+    between = [point(r) for r in rows[far + 1:-1]]
+    new = [p for p in between if p != (0.04, 2)]
+    assert set(new) == around and len(new) == len(around)
+    assert all(r["status"] == "keep" for r in rows[far + 1:-1] if point(r) == (0.04, 2))
+    # the first leader was never confirmed, so never kept: it waits, parked, behind the incumbent
+    parked = driver.configs[rows[step]["config"]]
+    assert parked.status == "retest" and parked.n == 1
+    assert driver.incumbent.id == keep["config"] and "DEPTH = 3" in open("train.py").read()
+    assert len(script.calls) == len(set(script.calls))  # no run repeated
+
+
+def test_by_default_a_promising_challenger_is_raced_at_once(lazy):
+    driver, _ = lazy()
+    rows = []
+    while not any(r["status"] == "retest" for r in rows):
+        rows.append(driver.step())
+        assert len(rows) < 10
+    challenger = rows[-1]["config"]
+    follow = [driver.step() for _ in range(2)]
+    assert challenger in {r["config"] for r in follow}  # its race, not another candidate
+
+
+def test_the_leader_is_an_open_challenger_below_the_incumbent(lazy):
+    driver, _ = lazy(race_after=5)
+    assert driver.schedule.s.race_after == 5
+    while not any(c.status == "retest" for c in driver.configs.values()):
+        driver.step()
+    standing = driver.standing
+    leader = standing.leader
+    assert leader is not None and leader.mean < standing.incumbent.mean
+    assert leader.status == "retest"
+
+
+@pytest.mark.parametrize("settings", [dict(judge="threshold", race_after=2), dict(race_after=-1)])
+def test_race_after_is_refused_where_it_means_nothing(lazy, settings):
+    with pytest.raises(LoopError, match="race-after"):
+        lazy(**settings)
