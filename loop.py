@@ -133,11 +133,6 @@ def add_judge_arguments(judge):
                        help="noise judge: re-run the incumbent at the start of every race, or "
                        "only while another run of it could change the verdict (default "
                        f"{Settings.incumbent_rule})")
-    judge.add_argument("--race-after", type=int, default=Settings.race_after,
-                       help="noise judge: 0 races a promising challenger at once; K > 0 first "
-                       "proposes K new candidates from the leading challenger (climbing before "
-                       "confirming) and races it when none of them leads; nothing is kept "
-                       f"without its race (default {Settings.race_after})")
     judge.add_argument("--prune", choices=["on", "off", "median", "wilcoxon"],
                        default=Settings.prune,
                        help="on: stop a challenger's first run when its smoothed loss trails the "
@@ -213,8 +208,7 @@ def settings_of(args):
                     baseline_runs=args.baseline_runs, max_runs=args.max_runs,
                     confidence=args.confidence, min_delta=args.min_delta, drop=args.drop,
                     first_confidence=args.first_confidence or None,
-                    incumbent_rule=args.incumbent_rule, race_after=args.race_after,
-                    prune=args.prune, audit=args.audit,
+                    incumbent_rule=args.incumbent_rule, prune=args.prune, audit=args.audit,
                     prune_sigmas=args.prune_sigmas,
                     git=args.git, tag=args.tag, time_budget=args.budget, grace=args.grace,
                     storage=args.storage, study=args.study, worker_slot=args.worker_slot,

@@ -29,21 +29,15 @@ class Candidates:
         self.told = {c.id for c in standing.configs.values() if c.status in DECIDED}
 
     def best(self, standing):
-        """(the incumbent's searched values, its mean val_bpb), or train.py's before any run;
-        with lazy races (Settings.race_after) the leading open challenger's, while there is one."""
-        base = self.base(standing)
-        if base is None:
+        """(the incumbent's searched values, its mean val_bpb), or train.py's before any run."""
+        if standing.incumbent is None:
             return self.workspace.searched(self.workspace.current_source()), None
-        return dict(base.params), base.mean
-
-    def base(self, standing):
-        """The config new candidates are proposed from (None before any run)."""
-        return (standing.leader if self.s.race_after else None) or standing.incumbent
+        return dict(standing.incumbent.params), standing.incumbent.mean
 
     def context(self, standing):
         best, value = self.best(standing)
-        base = self.base(standing)
-        return Context(best=best, best_value=value, best_runs=base.n if base else 0,
+        inc = standing.incumbent
+        return Context(best=best, best_value=value, best_runs=inc.n if inc else 0,
                        configs=standing.configs, noise=standing.noise,
                        source=self.workspace.current_source(),
                        defaults=dict(self.workspace.profile.train),

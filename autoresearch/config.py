@@ -86,8 +86,5 @@ class Settings:
     first_confidence: float = None  # noise judge: keep on one run this far ahead (None: never)
     incumbent_rule: str = "close"  # noise judge: race | close (when the incumbent is re-run)
     paired: bool = False           # noise judge: compare runs without their SEED's shared luck
-    # noise judge: 0 runs a promising challenger's race at once; k > 0 first proposes k new
-    # candidates from the leading open challenger, and races it only when none of them leads
-    race_after: int = 0
     # auto | on | off (autoresearch/sandbox/); default $AUTORESEARCH_SANDBOX, else auto
     sandbox: str = field(default_factory=lambda: sandbox_mode())

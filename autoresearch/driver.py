@@ -74,11 +74,6 @@ class Driver:
         if settings.baseline_runs < 1:
             raise LoopError("--baseline-runs must be at least 1")
         self.code_mode = self.proposer.edits_code
-        if settings.race_after < 0:
-            raise LoopError("--race-after must be at least 0")
-        if settings.race_after and (settings.judge != "noise" or self.code_mode):
-            raise LoopError("--race-after is for the noise judge on searched constants: the "
-                            "threshold judge runs no races, and code edits climb from train.py")
         self._bind_budget(settings.time_budget or time_budget())
         self.worker = settings.worker or default_worker(settings.worker_slot)
         try:

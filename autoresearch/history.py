@@ -242,18 +242,6 @@ class Standing:
     incumbent: Config | None
     noise: object = None
 
-    @property
-    def leader(self):
-        """The open challenger (status retest) with the lowest mean, where that is below the
-        incumbent's: the config a lazy race (Settings.race_after) climbs from before its race
-        confirms it. None when there is none."""
-        if self.incumbent is None or self.incumbent.mean is None:
-            return None
-        open_ = [c for c in self.configs.values() if c.status == "retest" and c.n
-                 and c.id != self.incumbent.id]
-        best = min(open_, key=lambda c: c.mean, default=None)
-        return best if best is not None and best.mean < self.incumbent.mean else None
-
     @classmethod
     def of(cls, rows, running, space, noise_floor):
         runs = runs_of(rows, space)

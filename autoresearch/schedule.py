@@ -74,33 +74,13 @@ class Schedule:
         if free and standing.noise is None and self.judge.needs_noise_floor \
                 and inc.n < self.s.baseline_runs:
             return self.rerun_job(inc, "incumbent", standing, "noise floor first")
-        race = self.due_race(standing, busy)
-        if race is None:
-            try:
-                return self._new_job(standing)
-            except LoopError:
-                race = standing.leader if self.s.race_after else None
-                if race is None or race.id in busy:
-                    raise
-                # nothing new is left around the leader: its race now
-        if free and self.judge.wants_incumbent_run(inc, race, standing.noise):
-            return self.rerun_job(inc, "incumbent", standing, f"during the race of {race.id}")
-        return self.rerun_job(race, "retest", standing)
-
-    def due_race(self, standing, busy):
-        """The open race to run now, or None. At once (race_after 0): the first open one. Lazily
-        (race_after k): only the leader's (history.Standing.leader), once its race has begun
-        (a second run) or k new candidates proposed since its last run found no better one;
-        until then new candidates climb from it, and the other open challengers wait, parked,
-        for their turn as the leader (unclaimed: never kept without their race)."""
-        if not self.s.race_after:
-            return next((c for c in standing.configs.values() if c.status == "retest"
-                         and c.id not in busy), None)
-        leader = standing.leader
-        if leader is None or leader.id in busy:
-            return None
-        since = sum(c.first_trial > leader.last_trial for c in standing.configs.values())
-        return leader if leader.n >= 2 or since >= self.s.race_after else None
+        race = next((c for c in standing.configs.values() if c.status == "retest"
+                     and c.id not in busy), None)
+        if race is not None:
+            if free and self.judge.wants_incumbent_run(inc, race, standing.noise):
+                return self.rerun_job(inc, "incumbent", standing, f"during the race of {race.id}")
+            return self.rerun_job(race, "retest", standing)
+        return self._new_job(standing)
 
     def rerun_job(self, config, purpose, standing, why=""):
         """Another run of a known config (or the first baseline run), with a SEED it has not
