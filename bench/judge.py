@@ -4,7 +4,8 @@
     python bench/judge.py real [--minutes 25] [--budget 15] [--recheck 3]
     python bench/judge.py null [--runs 30] [--budget 10]
 
-In sim and simnull, --judges also takes new@C: the loop's defaults at confidence C (new@0.8).
+In sim and simnull, --judges also takes new@C, the loop's defaults at confidence C (new@0.8),
+and new+first@C, the defaults keeping a first run at once when it is ahead with confidence C.
 
 sim: the real Driver (proposer, novelty checks, patching, judge, ledger) over the real cpu
 search space, with the trainer replaced by a noisy objective whose true value is known: a sum
@@ -54,14 +55,16 @@ JUDGES = {  # name -> Settings overrides
 
 
 def judge_settings(name):
-    """The Settings overrides of a judge named on the command line: a name in JUDGES, or
-    new@C, the loop's defaults at confidence C (new@0.8), to weigh the confidence."""
+    """The Settings overrides of a judge named on the command line: a name in JUDGES, new@C
+    (the loop's defaults at confidence C, such as new@0.8) or new+first@C (the defaults keeping
+    a first run at once when it is ahead with confidence C)."""
     if name in JUDGES:
         return JUDGES[name]
-    at = re.fullmatch(r"new@(0?\.\d+)", name)
-    if at and 0.5 < float(at.group(1)) < 1:
-        return dict(JUDGES["new"], confidence=float(at.group(1)))
-    raise SystemExit(f"unknown judge {name!r}: have {', '.join(JUDGES)} or new@C "
+    at = re.fullmatch(r"new(\+first)?@(0?\.\d+)", name)
+    if at and 0.5 < float(at.group(2)) < 1:
+        key = "first_confidence" if at.group(1) else "confidence"
+        return dict(JUDGES["new"], **{key: float(at.group(2))})
+    raise SystemExit(f"unknown judge {name!r}: have {', '.join(JUDGES)}, new@C or new+first@C "
                      f"(a confidence C between 0.5 and 1, such as new@0.8)")
 
 
