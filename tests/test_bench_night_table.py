@@ -7,17 +7,13 @@ import os
 import pytest
 
 from conftest import ROOT
-from test_report import A, BASE, HISTORY, write
+from test_report import BASE, HISTORY, RECHECK, write
 
 _spec = importlib.util.spec_from_file_location("night_table",
                                                os.path.join(ROOT, "bench", "night_table.py"))
 night_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(night_table)
 
-RECHECK = [("discard", 1.00, "recheck 1/2 of the baseline", "", BASE, "recheck", 46),
-           ("keep", 0.985, "recheck 1/2 of the incumbent", "", A, "recheck", 44),
-           ("discard", 0.99, "recheck 2/2 of the baseline", "", BASE, "recheck", 47),
-           ("keep", 0.975, "recheck 2/2 of the incumbent", "", A, "recheck", 45)]
 # the threshold judge kept a single run of C, rechecked at 1.00 - 0.99 = 0.01
 C = {"LR": 0.16}
 THRESHOLD = [("keep", 1.000, "baseline", "", BASE, "baseline", 42),

@@ -76,12 +76,15 @@ def test_summary_states_means_their_runs_and_the_noise(tmp_path):
     assert [h["trial"] for h in s["top_hits"]] == [5] and s["top_hits"][0]["runs"] == 2
 
 
+# `loop.py recheck --runs 2` after HISTORY: the baseline and the incumbent on fresh SEEDs
+RECHECK = [("discard", 1.00, "recheck 1/2 of the baseline", "", BASE, "recheck", 46),
+           ("keep", 0.985, "recheck 1/2 of the incumbent", "", A, "recheck", 44),
+           ("discard", 0.99, "recheck 2/2 of the baseline", "", BASE, "recheck", 47),
+           ("keep", 0.975, "recheck 2/2 of the incumbent", "", A, "recheck", 45)]
+
+
 def test_recheck_rows_show_how_much_gain_survives(tmp_path):
-    rows = HISTORY + [("discard", 1.00, "recheck 1/2 of the baseline", "", BASE, "recheck", 46),
-                      ("keep", 0.985, "recheck 1/2 of the incumbent", "", A, "recheck", 44),
-                      ("discard", 0.99, "recheck 2/2 of the baseline", "", BASE, "recheck", 47),
-                      ("keep", 0.975, "recheck 2/2 of the incumbent", "", A, "recheck", 45)]
-    s = summarize(load_results(write(tmp_path / "results.tsv", rows)))
+    s = summarize(load_results(write(tmp_path / "results.tsv", HISTORY + RECHECK)))
     r = s["recheck"]
     assert r["recorded_gain"] == pytest.approx(1.00125 - 0.9725)
     assert r["rechecked_gain"] == pytest.approx(0.995 - 0.98)
