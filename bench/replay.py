@@ -283,7 +283,10 @@ def run_main(args):
     overrides = {}
     for item in args.set or []:
         name, _, value = item.partition("=")
-        overrides[name] = json.loads(value) if value[:1] in "0123456789[{-tfn" else value
+        try:   # a number, true/false/null, a list; else the text itself (prior=night)
+            overrides[name] = json.loads(value)
+        except ValueError:
+            overrides[name] = value
     table = _table(args.table)
     print(f"replay of {args.table}: {len(table.runs)} configs, {len(table.rows)} runs, "
           f"{args.loops} loops per cell, compute {args.compute} baseline runs"
