@@ -128,12 +128,6 @@ def add_judge_arguments(judge):
                        help="noise judge: keep a first run at once when it is ahead with this "
                        "confidence (a challenger many sigma ahead needs no repeat); 0 turns it "
                        f"off (default {Settings.first_confidence})")
-    judge.add_argument("--prior", choices=["flat", "night"], default=Settings.prior,
-                       help="noise judge: flat asks every challenger for the t-test's "
-                       "--confidence; night reads the confidence as the posterior probability "
-                       "that it is ahead, under the prior the night's latest challengers give "
-                       "(one run can be enough where many proposals win by far, more are asked "
-                       f"where most are luck) (default {Settings.prior})")
     judge.add_argument("--incumbent-rule", choices=["race", "close"],
                        default=Settings.incumbent_rule,
                        help="noise judge: re-run the incumbent at the start of every race, or "
@@ -214,8 +208,7 @@ def settings_of(args):
                     baseline_runs=args.baseline_runs, max_runs=args.max_runs,
                     confidence=args.confidence, min_delta=args.min_delta, drop=args.drop,
                     first_confidence=args.first_confidence or None,
-                    incumbent_rule=args.incumbent_rule, prior=args.prior, prune=args.prune,
-                    audit=args.audit,
+                    incumbent_rule=args.incumbent_rule, prune=args.prune, audit=args.audit,
                     prune_sigmas=args.prune_sigmas,
                     git=args.git, tag=args.tag, time_budget=args.budget, grace=args.grace,
                     storage=args.storage, study=args.study, worker_slot=args.worker_slot,

@@ -86,7 +86,5 @@ class Settings:
     first_confidence: float = None  # noise judge: keep on one run this far ahead (None: never)
     incumbent_rule: str = "close"  # noise judge: race | close (when the incumbent is re-run)
     paired: bool = False           # noise judge: compare runs without their SEED's shared luck
-    prior: str = "flat"            # noise judge: flat (the t-test) | night (prior.py)
-    prior_window: int = 12         # noise judge, night prior: the latest challengers it learns from
     # auto | on | off (autoresearch/sandbox/); default $AUTORESEARCH_SANDBOX, else auto
     sandbox: str = field(default_factory=lambda: sandbox_mode())

@@ -125,8 +125,7 @@ class Driver:
                                     min_runs=min(2, settings.max_runs), drop=settings.drop,
                                     first_confidence=settings.first_confidence,
                                     incumbent_rule=settings.incumbent_rule,
-                                    paired=settings.paired, prior=settings.prior,
-                                    window=settings.prior_window)
+                                    paired=settings.paired)
             llm = dict(settings.llm, log=self.log) if settings.strategy in LLM_STRATEGIES \
                 else settings.llm
             self.proposer = make_proposer(settings.strategy, self.space, settings.seed, llm)
@@ -219,8 +218,7 @@ class Driver:
                           job.strategy, job.kind, description, outcome.error, oom_retry, row)
         after = history.configs_of(self.runs + [run])
         mine, inc = after[config], self.incumbent and after[self.incumbent.id]
-        verdict = self.judge.decide(job.purpose, outcome, mine, inc, after,
-                                    self.runs + [run])
+        verdict = self.judge.decide(job.purpose, outcome, mine, inc, after)
         status, reason = verdict.status, verdict.reason
         row["status"] = status
         row["runs"] = mine.n

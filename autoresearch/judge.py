@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from scipy import stats
 
 from autoresearch import curves
-from autoresearch.prior import MIN_GAPS, Prior, gaps, widened
 from autoresearch.protocol import progress_of
 
 SIGMA_FLOOR = 1e-6   # a perfectly repeatable trainer (a fixture) must not divide by zero
@@ -39,10 +38,9 @@ class Judge:
     name = "judge"
     needs_noise_floor = False  # whether the incumbent re-runs until the noise is known
 
-    def decide(self, purpose, outcome, challenger, incumbent, configs, runs=()):
+    def decide(self, purpose, outcome, challenger, incumbent, configs):
         """The verdict on the run just finished (`outcome`, a runner.Outcome) of config
-        `challenger`, for a job of this `purpose` (schedule.Job); `configs` and `runs` (every
-        history.Run, for the night's prior) count that run."""
+        `challenger`, for a job of this `purpose` (schedule.Job); `configs` count that run."""
         if outcome.pruned:
             return Verdict("pruned", outcome.error)
         if not outcome.ok:
@@ -51,9 +49,9 @@ class Judge:
             return Verdict("keep", "the incumbent")
         if purpose == "recheck":  # measures the incumbent; it never moves it
             return Verdict("discard", "not the incumbent")
-        return self.verdict(challenger, incumbent, noise_floor(configs), runs)
+        return self.verdict(challenger, incumbent, noise_floor(configs))
 
-    def verdict(self, challenger, incumbent, noise, runs=()):
+    def verdict(self, challenger, incumbent, noise):
         raise NotImplementedError
 
 
@@ -65,7 +63,7 @@ class ThresholdJudge(Judge):
             raise ValueError("min_delta must be >= 0")
         self.min_delta = min_delta
 
-    def verdict(self, challenger, incumbent, noise, runs=()):
+    def verdict(self, challenger, incumbent, noise):
         value = challenger.values[-1]
         if incumbent is None or incumbent.mean is None:
             return Verdict("keep", "nothing to beat yet")
@@ -90,18 +88,12 @@ class NoiseJudge(Judge):
     - `incumbent_rule`: "race" re-runs the incumbent at the start of every race (up to
       `incumbent_runs`); "close" only while its estimate could change the verdict: it stands on
       a single run, or the challenger's t is within one unit of the threshold.
-    - `prior`: "flat" asks the t-test's confidence, the same evidence of every challenger;
-      "night" asks the posterior probability that the challenger is ahead under the prior the
-      night's latest `window` challengers give (prior.py): one run can be enough early in a
-      night rich in large gains, and more are asked where most challengers are luck. A
-      challenger is then discarded once P(ahead) <= 1 - confidence.
     """
     name = "noise"
     needs_noise_floor = True
 
     def __init__(self, confidence=0.95, max_runs=3, min_runs=2, drop=0.0, incumbent_runs=6,
-                 first_confidence=None, incumbent_rule="race", paired=False, prior="flat",
-                 window=12):
+                 first_confidence=None, incumbent_rule="race", paired=False):
         if not 0.5 < confidence < 1:
             raise ValueError("confidence must be between 0.5 and 1")
         if not 1 <= min_runs <= max_runs:
@@ -110,15 +102,10 @@ class NoiseJudge(Judge):
             raise ValueError("first_confidence must be between confidence and 1")
         if incumbent_rule not in ("race", "close"):
             raise ValueError("incumbent_rule must be race or close")
-        if prior not in ("flat", "night"):
-            raise ValueError("prior must be flat or night")
-        if window < MIN_GAPS:
-            raise ValueError(f"the prior's window must hold at least {MIN_GAPS} challengers")
         self.confidence, self.max_runs, self.min_runs = confidence, max_runs, min_runs
         self.drop, self.incumbent_runs = drop, incumbent_runs
         self.first_confidence, self.incumbent_rule = first_confidence, incumbent_rule
-        self.paired, self.prior, self.window = paired, prior, window
-        self.drop_ahead = None
+        self.paired = paired
 
     def test(self, challenger, incumbent, noise, confidence=None):
         """(t statistic, its threshold) for 'the challenger's mean is below the incumbent's'.
@@ -133,7 +120,7 @@ class NoiseJudge(Judge):
         se = max(std, SIGMA_FLOOR) * math.sqrt(1 / challenger.n + 1 / incumbent.n)
         return difference / se, float(stats.t.ppf(confidence or self.confidence, dof))
 
-    def verdict(self, challenger, incumbent, noise, runs=()):
+    def verdict(self, challenger, incumbent, noise):
         n = challenger.n
         if incumbent is None or incumbent.mean is None:
             return Verdict("keep", "nothing to beat yet")
@@ -141,9 +128,6 @@ class NoiseJudge(Judge):
             if n < self.max_runs:
                 return Verdict("retest", "noise floor unknown")
             return Verdict("discard", "noise floor still unknown")
-        seen = gaps(runs, challenger.id, self.window) if self.prior == "night" else []
-        if len(seen) >= MIN_GAPS:
-            return self._posterior_verdict(challenger, incumbent, noise, seen)
         t, needed = self.test(challenger, incumbent, noise)
         where = (f"mean {challenger.mean:.6f} over {n} vs {incumbent.mean:.6f} over "
                  f"{incumbent.n}, t {t:+.2f}")
@@ -157,29 +141,6 @@ class NoiseJudge(Judge):
             return Verdict("discard", f"{where}: cannot plausibly beat the incumbent")
         if n >= self.max_runs:
             return Verdict("discard", f"{where} < {needed:.2f} after {n} runs")
-        return Verdict("retest", f"{where}: promising, run again")
-
-    def _posterior_verdict(self, challenger, incumbent, noise, seen):
-        """Keep at the confidence asked for, as posterior probability under the night's prior,
-        on however many runs (the evidence, not a count, says when one is enough); discard
-        once it is as likely behind as a keep must be likely ahead (P(ahead) <= 1 - confidence,
-        or `drop_ahead`), or at the cap. (A drop line on the posterior mean over its spread
-        would discard a run far ahead whose posterior is split between the night's losers and
-        its winners.)"""
-        std = widened(max(noise.std, SIGMA_FLOOR), noise.dof, self.confidence)
-        prior = Prior.fit(seen, std)
-        se = std * math.sqrt(1 / challenger.n + 1 / incumbent.n)
-        p, _ = prior.ahead(incumbent.mean - challenger.mean, se)
-        n = challenger.n
-        where = (f"mean {challenger.mean:.6f} over {n} vs {incumbent.mean:.6f} over "
-                 f"{incumbent.n}, P(ahead) {p:.3f} under the night's prior "
-                 f"({prior.share_ahead():.0%} of the {len(seen)} latest challengers ahead)")
-        if p >= self.confidence and n >= self.min_runs:
-            return Verdict("keep", f"{where} >= {self.confidence:g}")
-        if p <= (1 - self.confidence if self.drop_ahead is None else self.drop_ahead):
-            return Verdict("discard", f"{where}: cannot plausibly beat the incumbent")
-        if n >= self.max_runs:
-            return Verdict("discard", f"{where} < {self.confidence:g} after {n} runs")
         return Verdict("retest", f"{where}: promising, run again")
 
     def wants_incumbent_run(self, incumbent, challenger, noise=None):
@@ -199,9 +160,6 @@ class NoiseJudge(Judge):
                 f"confidence, {self.min_runs}-{self.max_runs} runs per challenger")
         if self.first_confidence is not None:
             text += f", or at once at {self.first_confidence:.1%}"
-        if self.prior == "night":
-            text += (f"; the confidence is a posterior probability under the prior of the "
-                     f"{self.window} latest challengers")
         return text
 
 

@@ -5,8 +5,7 @@
     python bench/judge.py null [--runs 30] [--budget 10]
 
 In sim and simnull, --judges also takes new@C, the loop's defaults at confidence C (new@0.8),
-new+first@C, the defaults keeping a first run at once when it is ahead with confidence C, and
-night@C, the defaults under the night's prior (autoresearch/prior.py) at posterior confidence C.
+and new+first@C, the defaults keeping a first run at once when it is ahead with confidence C.
 
 sim: the real Driver (proposer, novelty checks, patching, judge, ledger) over the real cpu
 search space, with the trainer replaced by a noisy objective whose true value is known: a sum
@@ -52,8 +51,6 @@ JUDGES = {  # name -> Settings overrides
     # the loop's defaults since (confidence 0.9, drop 0.5, 2 baseline runs, the close rule);
     # the simulated trainer prints no curve, so there is nothing to stop early here
     "new": dict(judge="noise", prune="off"),
-    # the same with the night's prior (prior.py): the confidence a posterior probability
-    "night": dict(judge="noise", prune="off", prior="night"),
 }
 
 
@@ -63,11 +60,11 @@ def judge_settings(name):
     a first run at once when it is ahead with confidence C)."""
     if name in JUDGES:
         return JUDGES[name]
-    at = re.fullmatch(r"(new|night)(\+first)?@(0?\.\d+)", name)
-    if at and 0.5 < float(at.group(3)) < 1:
-        key = "first_confidence" if at.group(2) else "confidence"
-        return dict(JUDGES[at.group(1)], **{key: float(at.group(3))})
-    raise SystemExit(f"unknown judge {name!r}: have {', '.join(JUDGES)}, new@C, night@C or new+first@C "
+    at = re.fullmatch(r"new(\+first)?@(0?\.\d+)", name)
+    if at and 0.5 < float(at.group(2)) < 1:
+        key = "first_confidence" if at.group(1) else "confidence"
+        return dict(JUDGES["new"], **{key: float(at.group(2))})
+    raise SystemExit(f"unknown judge {name!r}: have {', '.join(JUDGES)}, new@C or new+first@C "
                      f"(a confidence C between 0.5 and 1, such as new@0.8)")
 
 

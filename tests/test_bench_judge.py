@@ -17,8 +17,6 @@ def test_new_at_a_confidence_is_the_new_judge_with_only_that_changed():
     assert at == dict(bench_judge.JUDGES["new"], confidence=0.8)
     first = bench_judge.judge_settings("new+first@0.9")
     assert first == dict(bench_judge.JUDGES["new"], first_confidence=0.9)
-    night = bench_judge.judge_settings("night@0.95")
-    assert night == dict(bench_judge.JUDGES["new"], prior="night", confidence=0.95)
     assert bench_judge.judge_settings("threshold") is bench_judge.JUDGES["threshold"]
 
 
